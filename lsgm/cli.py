@@ -1,0 +1,180 @@
+"""`lsgm <verb>`: each verb is a thin command over one library function.
+
+Verbs share their names with the Snakemake rules and DVC stages (``train-vae`` / ``train_vae``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lsgm.config import ConfigError, dump_config, list_experiments, load_experiment
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = load_experiment(args.experiment)
+    sys.stdout.write(dump_config(cfg))
+    return 0
+
+
+def _cmd_config_list(args: argparse.Namespace) -> int:
+    from lsgm.config import default_experiments
+
+    defaults = set(default_experiments())
+    for name in list_experiments():
+        print(f"{name}{'  (default)' if name in defaults else ''}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from lsgm.data.prepare import prepare_dataset
+
+    out = prepare_dataset(args.name, raw_dir=Path(args.raw_dir), out_dir=Path(args.out_dir),
+                          download=not args.no_download)
+    print(f"prepared {args.name} -> {out}")
+    return 0
+
+
+def _cmd_train_vae(args: argparse.Namespace) -> int:
+    from lsgm.train import train_vae
+
+    cfg = load_experiment(args.experiment)
+    train_vae(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root), max_steps=args.max_steps)
+    return 0
+
+
+def _cmd_train_lsgm(args: argparse.Namespace) -> int:
+    from lsgm.train import train_lsgm
+
+    cfg = load_experiment(args.experiment)
+    stages = [args.stage] if args.stage else list(cfg.prior)
+    for stage in stages:
+        train_lsgm(cfg, stage, run_root=Path(args.run_root), data_root=Path(args.data_root),
+                   max_steps=args.max_steps)
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from lsgm.evaluate import sample_experiment
+
+    cfg = load_experiment(args.experiment)
+    sample_experiment(cfg, run_root=Path(args.run_root), num_samples=args.num_samples)
+    return 0
+
+
+def _cmd_eval_nll(args: argparse.Namespace) -> int:
+    from lsgm.evaluate import eval_nll_experiment
+
+    cfg = load_experiment(args.experiment)
+    eval_nll_experiment(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root), model=args.model)
+    return 0
+
+
+def _cmd_fid_stats(args: argparse.Namespace) -> int:
+    from lsgm.metrics import reference_statistics
+
+    cfg = load_experiment(args.experiment)
+    reference_statistics(cfg, data_root=Path(args.data_root), out=Path(args.out))
+    return 0
+
+
+def _cmd_eval_fid(args: argparse.Namespace) -> int:
+    from lsgm.metrics import eval_fid_experiment
+
+    cfg = load_experiment(args.experiment)
+    eval_fid_experiment(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lsgm.report import write_report
+
+    write_report(run_root=Path(args.run_root), out_dir=Path(args.out_dir), experiments=args.experiments or None)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lsgm`` argument parser (one sub-command per pipeline stage)."""
+    p = argparse.ArgumentParser(prog="lsgm", description="LSGM: score-based generative modeling in latent space")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def add(name: str, fn, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    def exp(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("experiment", help="experiment name from params/experiments.yaml, or a params YAML file")
+
+    def roots(sp: argparse.ArgumentParser, data: bool = True) -> None:
+        sp.add_argument("--run-root", default="data/runs", help="where run directories live (default: data/runs)")
+        if data:
+            sp.add_argument("--data-root", default="data/prepared", help="prepared datasets (default: data/prepared)")
+
+    cfg = add("config", None, "inspect experiment configs")
+    csub = cfg.add_subparsers(dest="config_verb", required=True, metavar="ACTION")
+    show = csub.add_parser("show", help="print the resolved, validated config of an experiment")
+    exp(show)
+    show.set_defaults(fn=_cmd_config_show)
+    lst = csub.add_parser("list", help="list the experiments of params/experiments.yaml")
+    lst.set_defaults(fn=_cmd_config_list)
+
+    sp = add("prepare", _cmd_prepare, "download (if needed), verify and convert a dataset to data/prepared/NAME")
+    sp.add_argument("name", help="digits | mnist | omniglot | cifar10 | celeba256")
+    sp.add_argument("--raw-dir", default="data/raw", help="where raw downloads live (default: data/raw)")
+    sp.add_argument("--out-dir", default="data/prepared", help="output root (default: data/prepared)")
+    sp.add_argument("--no-download", action="store_true", help="never download; fail if a raw file is missing")
+
+    sp = add("train-vae", _cmd_train_vae, "stage 1: train the VAE with a Normal prior (resumes automatically)")
+    exp(sp)
+    roots(sp)
+    sp.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (debug)")
+
+    sp = add("train-lsgm", _cmd_train_lsgm, "stage 2(+): train the VAE and the SGM prior (resumes automatically)")
+    exp(sp)
+    roots(sp)
+    sp.add_argument("--stage", default=None, help="prior stage name (default: all, in order)")
+    sp.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (debug)")
+
+    sp = add("sample", _cmd_sample, "draw samples with the probability-flow ODE")
+    exp(sp)
+    roots(sp, data=False)
+    sp.add_argument("--num-samples", type=int, default=None, help="override sampling.num_samples")
+
+    sp = add("eval-nll", _cmd_eval_nll, "NLL bound on the evaluation split (VAE terms + ODE prior term)")
+    exp(sp)
+    roots(sp)
+    sp.add_argument("--model", choices=["lsgm", "vae"], default="lsgm", help="evaluate LSGM or the VAE alone")
+
+    sp = add("fid-stats", _cmd_fid_stats, "reference Inception statistics of the training split")
+    exp(sp)
+    sp.add_argument("--data-root", default="data/prepared")
+    sp.add_argument("--out", required=True, help="output .pt file (mu, sigma)")
+
+    sp = add("eval-fid", _cmd_eval_fid, "FID / IS / KID of the samples with torch-fidelity")
+    exp(sp)
+    roots(sp)
+
+    sp = add("report", _cmd_report, "write reports/results.{md,csv}, claims.md and figures")
+    sp.add_argument("--run-root", default="data/runs")
+    sp.add_argument("--out-dir", default="reports")
+    sp.add_argument("--experiments", nargs="*", default=None, help="default: every experiment in the matrix")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lsgm`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as exc:
+        print(f"lsgm: config error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"lsgm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,707 @@
+"""Typed experiment configuration: nested frozen dataclasses loaded from YAML with strict validation.
+
+One experiment = one YAML file under ``params/`` (listed in ``params/experiments.yaml``). A file may name
+shared fragments under ``extends:`` (merged first, in order, then the file itself on top), so that no value is
+written twice. Loading rejects unknown keys (with a close-match suggestion), wrong types and out-of-range values
+with one message naming the file, the key path, the bad value and what is allowed.
+
+Spec references: §9 (per-dataset hyper-parameters), §4.6–4.7 (stage-2 optimisers, KL annealing), §1.8 (stage 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "VAEConfig",
+    "TrainVAEConfig",
+    "SDEConfig",
+    "ScoreNetConfig",
+    "TrainLSGMConfig",
+    "PriorStageConfig",
+    "SamplingConfig",
+    "NLLEvalConfig",
+    "FIDEvalConfig",
+    "EngineConfig",
+    "ResourceConfig",
+    "ExperimentConfig",
+    "DATASET_SHAPES",
+    "RESOURCE_STAGES",
+    "load_config",
+    "load_experiment",
+    "list_experiments",
+    "default_experiments",
+    "config_to_dict",
+    "config_hash",
+    "dump_config",
+    "write_resolved_config",
+]
+
+
+class ConfigError(ValueError):
+    """A params file is invalid. The message names the file, the key path, the value and what is allowed."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
+       lo_open: bool = False, hi_open: bool = False, doc: str = "") -> Any:
+    """A dataclass field with an allowed numeric range (checked at load time)."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "doc": doc}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# (channels, height, width) of the images fed to the VAE, spec §8 (MNIST/OMNIGLOT padded 28 -> 32).
+DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
+    "digits": (1, 8, 8),
+    "mnist": (1, 32, 32),
+    "omniglot": (1, 32, 32),
+    "cifar10": (3, 32, 32),
+    "celeba256": (3, 256, 256),
+}
+
+# Pipeline stages that ask a scheduler for resources (Snakemake rules / DVC stages share these names).
+RESOURCE_STAGES = ("prepare", "fid_stats", "train_vae", "train_lsgm", "sample", "eval_nll", "eval_fid", "report")
+
+
+# --------------------------------------------------------------------------------------------- sections
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Dataset and its preprocessing (spec §8, §1.6)."""
+
+    dataset: Literal["digits", "mnist", "omniglot", "cifar10", "celeba256"]
+    binarize: bool  # dynamic binarisation at load time (digits, MNIST, OMNIGLOT)
+    num_x_bits: int = _f(lo=1, hi=8)  # 8 for CIFAR-10, 5 for CelebA-HQ-256
+    flip: bool = False  # random horizontal flip of training images
+    likelihood_crop: Optional[int] = _f(None, lo=1, doc="central crop for the Bernoulli likelihood (28 of 32)")
+    eval_split: Literal["test", "valid"] = "test"  # split the NLL is reported on
+    fid_reference: Literal["train", "train+valid"] = "train"  # spec §7.2
+    max_train_images: Optional[int] = _f(None, lo=1, doc="use only the first N training images (tests)")
+    max_eval_images: Optional[int] = _f(None, lo=1, doc="evaluate on the first N images (tests)")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the VAE sees."""
+        return DATASET_SHAPES[self.dataset]
+
+    @property
+    def likelihood_dims(self) -> int:
+        """D used for bits/dim (spec §7.1 step 4)."""
+        c, h, w = self.shape
+        if self.likelihood_crop is not None:
+            h = w = self.likelihood_crop
+        return c * h * w
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAEConfig:
+    """NVAE-style backbone (spec §1). Names follow the official flags without the ``--``."""
+
+    arch_instance: Literal["res_bnswish", "res_mbconv"]
+    num_channels_enc: int = _f(lo=1)
+    num_channels_dec: int = _f(lo=1)
+    num_preprocess_blocks: int = _f(lo=1)
+    num_preprocess_cells: int = _f(lo=1)
+    num_postprocess_blocks: int = _f(lo=1)
+    num_postprocess_cells: int = _f(lo=1)
+    num_cell_per_cond_enc: int = _f(lo=1)
+    num_cell_per_cond_dec: int = _f(lo=1)
+    num_latent_scales: int = _f(lo=1)
+    num_groups_per_scale: int = _f(lo=1)
+    num_latent_per_group: int = _f(lo=1)
+    channel_mult: tuple[int, ...] = _f()
+    num_nf: int = _f(0, lo=0)
+    use_se: bool = True
+    decoder_dist: Literal["bin", "dml", "normal"] = "dml"
+    num_mix_output: int = _f(10, lo=1)
+    progressive_input: Literal["none", "input_skip"] = "none"
+    log_sig_q_scale: float = _f(5.0, lo=0, lo_open=True)
+
+    def check(self, where: str, data: DataConfig) -> None:
+        """Cross-field checks that need the data section."""
+        if len(self.channel_mult) != self.num_preprocess_blocks + self.num_latent_scales:
+            raise ConfigError(
+                f"{where}: vae.channel_mult has {len(self.channel_mult)} entries {list(self.channel_mult)}; "
+                f"allowed: exactly num_preprocess_blocks + num_latent_scales = "
+                f"{self.num_preprocess_blocks + self.num_latent_scales} (spec §1.1)")
+        size = data.shape[1]
+        down = 2 ** (self.num_preprocess_blocks + self.num_latent_scales - 1)
+        if size % down:
+            raise ConfigError(f"{where}: image size {size} is not divisible by 2^(num_preprocess_blocks + "
+                              f"num_latent_scales - 1) = {down}; allowed: fewer down-sampling stages")
+        if data.binarize and self.decoder_dist != "bin":
+            raise ConfigError(f"{where}: vae.decoder_dist = {self.decoder_dist!r} with data.binarize = true; "
+                              "allowed: 'bin' for binarised data")
+
+    def latent_shape(self, data: DataConfig) -> tuple[int, int, int]:
+        """(C, S, S) of the top-scale latents that get the SGM prior (spec §1.2)."""
+        s = data.shape[1] // 2 ** (self.num_preprocess_blocks + self.num_latent_scales - 1)
+        return (self.num_groups_per_scale * self.num_latent_per_group, s, s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainVAEConfig:
+    """Stage 1: the VAE with a Normal prior (spec §1.8)."""
+
+    epochs: int = _f(lo=1)
+    batch_size: int = _f(lo=1, doc="per-GPU (per-process) batch")
+    global_batch_size: Optional[int] = _f(None, lo=1, doc="None: batch_size x processes; else reached by accumulation")
+    learning_rate: float = _f(lo=0, lo_open=True)
+    learning_rate_min: float = _f(lo=0)
+    weight_decay: float = _f(lo=0)
+    adamax_eps: float = _f(lo=0, lo_open=True)
+    warmup_epochs: float = _f(lo=0)
+    kl_anneal_portion: float = _f(lo=0, hi=1)
+    kl_const_portion: float = _f(lo=0, hi=1)
+    kl_const_coeff: float = _f(lo=0, hi=1)
+    kl_max_coeff: float = _f(lo=0, hi=1)
+    weight_decay_norm: float = _f(lo=0, doc="λ of spectral + BN regularisation (spec §1.7)")
+    seed: int = _f(lo=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SDEConfig:
+    """Forward SDE in latent space (spec §2)."""
+
+    kind: Literal["vpsde", "geometric"]
+    beta_min: float = _f(0.1, lo=0, lo_open=True)
+    beta_max: float = _f(20.0, lo=0, lo_open=True)
+    sigma2_0: float = _f(0.0, lo=0, hi=1, hi_open=True)
+    sigma2_min: float = _f(3e-5, lo=0, hi=1, lo_open=True, hi_open=True)
+    sigma2_max: float = _f(0.999, lo=0, hi=1, lo_open=True, hi_open=True)
+    time_eps: float = _f(lo=0, hi=1, hi_open=True)
+
+    def check(self, where: str) -> None:
+        if self.kind == "vpsde" and not self.beta_min < self.beta_max:
+            raise ConfigError(f"{where}: need beta_min < beta_max, got {self.beta_min}, {self.beta_max}")
+        if self.kind == "geometric" and not self.sigma2_min < self.sigma2_max:
+            raise ConfigError(f"{where}: need sigma2_min < sigma2_max, got {self.sigma2_min}, {self.sigma2_max}")
+
+    def sde_params(self) -> dict[str, float]:
+        """Keyword arguments for :func:`lsgm.sde.make_sde`."""
+        if self.kind == "vpsde":
+            return {"beta_min": self.beta_min, "beta_max": self.beta_max, "sigma2_0": self.sigma2_0}
+        return {"sigma2_min": self.sigma2_min, "sigma2_max": self.sigma2_max, "sigma2_0": self.sigma2_0}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreNetConfig:
+    """NCSN++ backbone of the SGM prior and its mixed score (spec §3, §5)."""
+
+    nf: int = _f(lo=1, doc="num_channels_dae")
+    num_scales: int = _f(lo=1)
+    num_res_blocks: int = _f(lo=1)
+    channel_mult: tuple[int, ...] = _f()
+    dropout: float = _f(lo=0, hi=1, hi_open=True)
+    fir: bool = False
+    embedding_scale: float = _f(1000.0, lo=0, lo_open=True)
+    embedding_dim: int = _f(128, lo=2)
+    attn_resolutions: tuple[int, ...] = (16,)
+    mixing_logit_init: float = _f(-3.0)
+
+    def check(self, where: str) -> None:
+        if len(self.channel_mult) != self.num_scales:
+            raise ConfigError(f"{where}: score_net.channel_mult has {len(self.channel_mult)} entries; "
+                              f"allowed: exactly num_scales = {self.num_scales}")
+
+
+IW_MODES = Literal["ll_uniform", "ll_iw", "drop_all_uniform", "drop_all_iw", "drop_sigma2t_iw",
+                   "drop_sigma2t_uniform", "rescale_iw"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainLSGMConfig:
+    """Stage 2 (and the CelebA qualitative stage 3): VAE + SGM prior (spec §4.5–4.7)."""
+
+    epochs: int = _f(lo=1)
+    batch_size: int = _f(lo=1, doc="per-GPU (per-process) batch")
+    global_batch_size: Optional[int] = _f(None, lo=1)
+    learning_rate_vae: float = _f(lo=0)
+    learning_rate_vae_min: float = _f(lo=0)
+    vae_adam_eps: float = _f(lo=0, lo_open=True)
+    learning_rate_score: float = _f(lo=0, lo_open=True)
+    learning_rate_score_min: float = _f(lo=0)
+    score_adam_eps: float = _f(lo=0, lo_open=True)
+    weight_decay: float = _f(lo=0)
+    ema_decay: float = _f(lo=0, hi=1)
+    warmup_epochs: float = _f(lo=0)
+    iw_sample_p: IW_MODES = "ll_iw"
+    iw_sample_q: Literal["reweight_p_samples", "ll_uniform", "ll_iw"] = "reweight_p_samples"
+    disjoint: bool = False
+    update_q_ema: bool = False
+    cont_kl_anneal: bool = False
+    kl_const_coeff: float = _f(lo=0, hi=1)
+    kl_max_coeff: float = _f(lo=0, hi=1)
+    kl_anneal_portion: float = _f(lo=0, hi=1, lo_open=True)
+    weight_decay_norm_vae: float = _f(lo=0)
+    weight_decay_norm_score: float = _f(lo=0)
+    spectral_reg_score_convs: bool = _f(doc="False reproduces --custom_conv_dae (no SR on SGM convs, spec §1.7)")
+    drop_inactive_var: bool = False
+    inactive_kl_threshold: float = _f(0.1, lo=0)
+    inactive_max_batches: int = _f(1000, lo=1)
+    grad_clip: float = _f(0.0, lo=0)
+    train_ode_eps: float = _f(lo=0, lo_open=True, hi=1)
+    train_ode_tol: float = _f(lo=0, lo_open=True)
+    compat: Literal["exact", "official"] = "exact"
+    seed: int = _f(lo=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorStageConfig:
+    """One SGM-prior training stage: which VAE it starts from, whether the VAE trains, SDE, network, schedule."""
+
+    init_from: str  # "vae" (the stage-1 model) or the name of an earlier prior stage
+    train_vae: bool
+    sde: SDEConfig
+    score_net: ScoreNetConfig
+    train: TrainLSGMConfig
+    load_prior: bool = False  # also take the SGM weights from init_from (False: fresh SGM, CelebA stage 3)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """Probability-flow ODE sampling (spec §6.1)."""
+
+    num_samples: int = _f(lo=1)
+    batch_size: int = _f(lo=1)
+    ode_eps: float = _f(lo=0, lo_open=True, hi=1)
+    ode_tol: float = _f(lo=0, lo_open=True)
+    temperature: float = _f(1.0, lo=0, lo_open=True)
+    vae_temperature: float = _f(1.0, lo=0, lo_open=True)
+    method: Literal["dopri5", "scipy_rk45"] = "dopri5"
+    vae_train_mode: bool = False  # decoder BatchNorm with batch statistics (CelebA FID, spec §6.1 step 5)
+    use_ema: bool = True
+    seed: int = _f(0, lo=0)
+    grid_size: int = _f(8, lo=1, doc="the PNG grid is grid_size x grid_size samples")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NLLEvalConfig:
+    """NLL bound on the evaluation split (spec §7.1)."""
+
+    batch_size: int = _f(lo=1)
+    ode_eps: float = _f(lo=0, lo_open=True, hi=1)
+    ode_tol: float = _f(lo=0, lo_open=True)
+    num_iw_samples: int = _f(1, lo=1)
+    trace: Literal["hutchinson", "exact"] = "hutchinson"
+    probe: Literal["gaussian", "rademacher"] = "gaussian"
+    num_probes: int = _f(1, lo=1)
+    probe_mode: Literal["fixed", "fresh"] = "fixed"
+    method: Literal["dopri5", "scipy_rk45"] = "dopri5"
+    use_ema: bool = True
+    binarization_draws: int = _f(1, lo=1)
+    seed: int = _f(0, lo=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FIDEvalConfig:
+    """FID/IS/KID with torch-fidelity (spec §7.2)."""
+
+    enabled: bool = True
+    isc: bool = True
+    kid: bool = True
+    kid_subset_size: int = _f(1000, lo=2)
+    batch_size: int = _f(64, lo=1)
+    weights_path: str = "data/weights/weights-inception-2015-12-05-6726825d.pth"
+    max_reference_images: int = _f(50000, lo=2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """How training runs (not what it computes): checkpoints, precision, devices, NaN guard."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = True
+    grad_scaler_init: float = _f(1024.0, lo=1)
+    checkpoint_every_steps: int = _f(500, lo=1)
+    checkpoint_every_minutes: float = _f(30.0, lo=0, lo_open=True)
+    keep_checkpoints: int = _f(3, lo=1)
+    max_nan_failures: int = _f(3, lo=1)
+    nan_lr_factor: float = _f(0.5, lo=0, hi=1, lo_open=True)
+    log_every_steps: int = _f(10, lo=1)
+    num_threads: Optional[int] = _f(None, lo=1)
+    compile: bool = False
+    channels_last: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResourceConfig:
+    """What one stage asks of Slurm (and of Snakemake's local scheduler)."""
+
+    nodes: int = _f(1, lo=1)
+    gpus_per_node: int = _f(0, lo=0)
+    cpus_per_task: int = _f(1, lo=1, doc="threads per process; Snakemake `threads:`")
+    mem_mb: int = _f(4000, lo=1)
+    runtime_min: int = _f(60, lo=1)
+    partition: Optional[str] = None
+    gpu_model: Optional[str] = None
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * max(self.gpus_per_node, 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """A whole experiment: every hyper-parameter of every stage (spec §9)."""
+
+    name: str
+    description: str
+    data: DataConfig
+    vae: VAEConfig
+    train_vae: TrainVAEConfig
+    prior: dict[str, PriorStageConfig]
+    sampling: SamplingConfig
+    eval_nll: NLLEvalConfig
+    eval_fid: FIDEvalConfig
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    resources: dict[str, ResourceConfig] = field(default_factory=dict)
+
+    @property
+    def final_prior_stage(self) -> str:
+        """Name of the prior stage whose model is sampled and evaluated."""
+        return list(self.prior)[-1]
+
+    def resource(self, stage: str) -> ResourceConfig:
+        return self.resources.get(stage, ResourceConfig())
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of name -> {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _range_text(meta: dict) -> str:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if meta.get('lo_open') else '>='} {lo}")
+    if hi is not None:
+        parts.append(f"{'<' if meta.get('hi_open') else '<='} {hi}")
+    return " and ".join(parts)
+
+
+def _check_range(value: float, meta: dict, where: str) -> None:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    bad = (lo is not None and (value < lo or (meta.get("lo_open") and value == lo))) or (
+        hi is not None and (value > hi or (meta.get("hi_open") and value == hi)))
+    if bad:
+        raise ConfigError(f"{where} = {value!r} is out of range; allowed: {_range_text(meta)}")
+
+
+def _convert(value: Any, tp: Any, where: str, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where, meta)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where} = {value!r} is not allowed; allowed: {_type_name(tp)}{hint}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r} has the wrong type; allowed: {_type_name(tp)}")
+        (elem,) = typing.get_args(tp)[:1]
+        return tuple(_convert(v, elem, f"{where}[{i}]", meta) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} = {value!r} has the wrong type; allowed: {_type_name(tp)}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _convert(v, vt, f"{where}.{k}", meta) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r} has the wrong type; allowed: true/false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r} has the wrong type; allowed: an integer "
+                              f"{_range_text(meta)}".rstrip())
+        _check_range(value, meta, where)
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} = {value!r} has the wrong type; allowed: a number "
+                              f"{_range_text(meta)}".rstrip())
+        value = float(value)
+        _check_range(value, meta, where)
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r} has the wrong type; allowed: a string")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {where}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} = {raw!r} has the wrong type; allowed: {_type_name(cls)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}.{key}: unknown key {key!r}{hint} "
+                              f"(allowed keys: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], f"{where}.{name}", dict(f.metadata))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}.{name}: required key is missing; allowed: {_type_name(hints[name])}")
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _resolve_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Merge a file's ``extends:`` fragments (paths relative to the file) under the file's own keys."""
+    path = Path(path)
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular 'extends' chain: {' -> '.join(str(p) for p in seen)}")
+    raw = _read_yaml(path)
+    parents = raw.pop("extends", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list):
+        raise ConfigError(f"{path}: 'extends' must be a list of file paths, got {parents!r}")
+    merged: dict = {}
+    for parent in parents:
+        ppath = path.parent / parent
+        if not ppath.exists():
+            raise ConfigError(f"{path}: extends {parent!r}, but {ppath} does not exist")
+        merged = _deep_merge(merged, _resolve_raw(ppath, seen + (path.resolve(),)))
+    return _deep_merge(merged, raw)
+
+
+def _apply_prior_defaults(raw: dict, where: str) -> None:
+    """``prior_defaults:`` (from a fragment) is merged beneath every stage under ``prior:``."""
+    defaults = raw.pop("prior_defaults", None)
+    if defaults is None:
+        return
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{where}: prior_defaults must be a mapping, got {defaults!r}")
+    prior = raw.get("prior")
+    if isinstance(prior, dict):
+        raw["prior"] = {k: _deep_merge(defaults, v) if isinstance(v, dict) else v for k, v in prior.items()}
+
+
+def load_config(path: str | os.PathLike, name: str | None = None) -> ExperimentConfig:
+    """Load, merge and validate one experiment file.
+
+    Args:
+        path: the experiment's YAML file (e.g. ``params/cifar10_best_fid.yaml``).
+        name: experiment name; default: the file's stem.
+
+    Raises:
+        ConfigError: naming the file, key path, bad value and what is allowed.
+    """
+    path = Path(path)
+    raw = _resolve_raw(path)
+    _apply_prior_defaults(raw, str(path))
+    raw.setdefault("name", name or path.stem)
+    raw.setdefault("description", "")
+    where = str(path)
+    try:
+        cfg = _build(ExperimentConfig, raw, where)
+    except ConfigError as exc:  # keys are reported as "<file>.section.key": make that "<file>: section.key"
+        msg = str(exc)
+        if msg.startswith(where + "."):
+            msg = f"{where}: {msg[len(where) + 1:]}"
+        raise ConfigError(msg) from None
+    _cross_check(cfg, where)
+    return cfg
+
+
+def _cross_check(cfg: ExperimentConfig, where: str) -> None:
+    cfg.vae.check(where, cfg.data)
+    if not cfg.prior:
+        raise ConfigError(f"{where}: prior: at least one prior stage is required")
+    seen = ["vae"]
+    for stage, p in cfg.prior.items():
+        w = f"{where}: prior.{stage}"
+        p.sde.check(w + ".sde")
+        p.score_net.check(w + ".score_net")
+        if p.init_from not in seen:
+            raise ConfigError(f"{w}.init_from = {p.init_from!r}; allowed: one of {seen} (an earlier stage)")
+        if p.train.iw_sample_p == "drop_all_iw" and p.sde.kind != "vpsde":
+            raise ConfigError(f"{w}.train.iw_sample_p = 'drop_all_iw' needs sde.kind = 'vpsde' (spec §4.3)")
+        if p.train.disjoint and p.train.iw_sample_q == "reweight_p_samples":
+            raise ConfigError(f"{w}.train.iw_sample_q = 'reweight_p_samples' with disjoint = true; "
+                              "allowed: 'll_uniform' or 'll_iw' (spec §4.5)")
+        if p.train.disjoint and not p.train_vae:
+            raise ConfigError(f"{w}.train.disjoint = true needs train_vae = true (spec §4.5)")
+        if p.load_prior and p.init_from == "vae":
+            raise ConfigError(f"{w}.load_prior = true needs init_from to name an earlier prior stage")
+        seen.append(stage)
+    for stage in cfg.resources:
+        if stage not in RESOURCE_STAGES:
+            close = difflib.get_close_matches(stage, RESOURCE_STAGES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: resources.{stage}: unknown stage{hint} (allowed: {', '.join(RESOURCE_STAGES)})")
+
+
+# --------------------------------------------------------------------------------------------- matrix
+def _repo_root() -> Path:
+    env = os.environ.get("LSGM_ROOT")
+    return Path(env) if env else Path.cwd()
+
+
+def _matrix(root: Path | None = None) -> tuple[Path, dict]:
+    root = root or _repo_root()
+    path = root / "params" / "experiments.yaml"
+    raw = _read_yaml(path)
+    exps = raw.get("experiments")
+    if not isinstance(exps, dict) or not exps:
+        raise ConfigError(f"{path}: 'experiments' must be a non-empty mapping of name -> {{params, default}}")
+    return path, exps
+
+
+def list_experiments(root: Path | None = None) -> list[str]:
+    """All experiment names in ``params/experiments.yaml``, in file order."""
+    return list(_matrix(root)[1])
+
+
+def default_experiments(root: Path | None = None) -> list[str]:
+    """Experiments that the default pipeline target runs."""
+    return [k for k, v in _matrix(root)[1].items() if isinstance(v, dict) and v.get("default", False)]
+
+
+def experiment_file(name: str, root: Path | None = None) -> Path:
+    """Path of an experiment's params file."""
+    root = root or _repo_root()
+    path, exps = _matrix(root)
+    if name not in exps:
+        close = difflib.get_close_matches(name, list(exps), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{path}: unknown experiment {name!r}{hint} (allowed: {', '.join(exps)})")
+    entry = exps[name]
+    rel = entry.get("params") if isinstance(entry, dict) else None
+    if not isinstance(rel, str):
+        raise ConfigError(f"{path}: experiments.{name}.params must be the path of the experiment's file")
+    return root / rel
+
+
+def load_experiment(name_or_path: str, root: Path | None = None) -> ExperimentConfig:
+    """Load an experiment by name (looked up in the matrix) or by the path of a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        return load_config(p)
+    return load_config(experiment_file(name_or_path, root), name=name_or_path)
+
+
+# --------------------------------------------------------------------------------------------- output
+def config_to_dict(cfg: Any) -> Any:
+    """Plain nested dict/list view (tuples as lists) suitable for YAML/JSON."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [config_to_dict(v) for v in cfg]
+    return cfg
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML text (keys in declaration order)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False, width=110)
+
+
+def config_hash(section: Any) -> str:
+    """Short stable hash of a config (section), for provenance columns."""
+    blob = json.dumps(config_to_dict(section), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file + fsync + rename (readers never see a partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_resolved_config(cfg: ExperimentConfig, out_dir: str | os.PathLike) -> Path:
+    """Save ``resolved_config.yaml`` beside a stage's outputs."""
+    path = Path(out_dir) / "resolved_config.yaml"
+    atomic_write_text(path, dump_config(cfg))
+    return path
+
+
+def config_from_dict(raw: dict, where: str = "<checkpoint>") -> ExperimentConfig:
+    """Rebuild a config from :func:`config_to_dict` output (e.g. stored in a checkpoint)."""
+    cfg = _build(ExperimentConfig, raw, where)
+    _cross_check(cfg, where)
+    return cfg
