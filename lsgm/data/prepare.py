@@ -1,0 +1,549 @@
+"""`lsgm prepare NAME`: turn raw dataset files into the prepared format (spec §8).
+
+Prepared format (``FORMAT_VERSION`` 1), in ``<out_dir>/<name>/``:
+
+* ``train.npy``, ``valid.npy`` (only where the dataset has a validation split), ``test.npy``
+  (only where it has a test split): ``uint8`` arrays of shape (N, C, H, W) in ``.npy`` format, so
+  ``np.load(path, mmap_mode="r")`` maps them without reading them.
+  Values are integer levels ``0..max_value`` (``max_value`` 16 for ``digits``, 255 otherwise).
+* ``manifest.json``: dataset, format version, dtype, layout, max_value, per split the count, shape
+  and sha256 of its file, a description of the split, the seed, and for every raw input its path,
+  size, sha256 and the checksum it was verified against (if any).
+
+Splits: ``digits`` train/valid/test (1,257 / 270 / 270, seeded permutation), ``mnist`` train/test
+(60,000 / 10,000), ``omniglot`` train/test (24,345 / 8,070), ``cifar10`` train/test (50,000 /
+10,000), ``celeba256`` train/valid (27,000 / 3,000).
+
+Raw files live in ``<raw_dir>/<name>/`` (see :data:`RAW_FILES`). The output is written to a
+temporary directory next to the target and renamed into place only once complete, so a failure
+leaves no partial output and never destroys an existing good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lsgm.data import formats
+from lsgm.data.formats import RawFormatError
+
+FORMAT_VERSION = 1
+DATASET_NAMES = ("digits", "mnist", "omniglot", "cifar10", "celeba256")
+#: Datasets dynamically binarised at load time (spec §8).
+BINARISED_DATASETS = ("digits", "mnist", "omniglot")
+DIGITS_SPLIT = (1257, 270, 270)  # train / valid / test of the 1,797 scikit-learn digits
+CELEBA_SPLIT = (27000, 3000)  # train / valid of CelebA-HQ-256 (GLOW release)
+
+
+class DatasetError(RuntimeError):
+    """Base class of dataset preparation errors."""
+
+
+class RawFileMissingError(DatasetError, FileNotFoundError):
+    """A raw file is absent and could not (or may not) be downloaded."""
+
+
+class ChecksumMismatchError(DatasetError):
+    """A raw file's checksum differs from the published one."""
+
+
+@dataclass(frozen=True)
+class RawFile:
+    """One raw input file, where to get it and its published checksum.
+
+    ``md5``/``sha256`` None means no published checksum is known: the file is then verified only
+    by its format (the readers in :mod:`lsgm.data.formats`) and its sha256 is recorded in the
+    manifest; a warning is printed.
+    """
+
+    filename: str
+    urls: tuple[str, ...]
+    md5: str | None = None
+    sha256: str | None = None
+    checksum_source: str = ""
+
+
+_MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+
+
+def _mnist(filename: str, md5: str) -> RawFile:
+    return RawFile(filename, tuple(m + filename for m in _MNIST_MIRRORS), md5=md5,
+                   checksum_source="MNIST md5 as published by torchvision")
+
+
+#: Known raw files per dataset (``digits`` ships with scikit-learn and has none).
+RAW_FILES: dict[str, tuple[RawFile, ...]] = {
+    "digits": (),
+    "mnist": (
+        _mnist("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+        _mnist("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+        _mnist("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+        _mnist("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+    ),
+    "omniglot": (
+        RawFile(
+            "chardata.mat",
+            ("https://github.com/yburda/iwae/raw/master/datasets/OMNIGLOT/chardata.mat",),
+            # Not published by the IWAE authors; this md5 is the one pinned by a third-party
+            # loader (a tfsnippet-based OMNIGLOT dataset module) for the same URL.
+            md5="21ecaf34373511aa7691cf2e0802aa3d",
+            checksum_source="md5 pinned by a third-party loader for the IWAE URL (not by the IWAE authors)",
+        ),
+    ),
+    "cifar10": (
+        RawFile(
+            "cifar-10-python.tar.gz",
+            ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",),
+            md5="c58f30108f718f92721af3b95e74349a",
+            checksum_source="md5 published on the CIFAR-10 page",
+        ),
+    ),
+    "celeba256": (
+        RawFile(
+            "celeba-tfr.tar",
+            (
+                "https://openaipublic.azureedge.net/glow-demo/data/celeba-tfr.tar",
+                "https://storage.googleapis.com/glow-demo/data/celeba-tfr.tar",
+            ),
+            # No published checksum was found for the GLOW tarball: verified by format (TFRecord
+            # CRC-32C of every record, Example layout, image shapes, split counts) only.
+            checksum_source="none published",
+        ),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums, raw files and downloads
+# ----------------------------------------------------------------------------------------------
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class UnverifiedRawFileWarning(UserWarning):
+    """A raw input has no published checksum; it is verified by its format only."""
+
+
+def _warn_unverified(message: str) -> None:
+    warnings.warn(message, UnverifiedRawFileWarning, stacklevel=3)
+
+
+def _where_to_get(raw: RawFile, path: Path) -> str:
+    checksum = f"md5 {raw.md5}" if raw.md5 else f"sha256 {raw.sha256}" if raw.sha256 else "no published checksum"
+    return f"Download it from {' or '.join(raw.urls)} ({checksum}) and place it at {path.resolve()}"
+
+
+def verify_raw_file(path: Path, raw: RawFile, verify_checksums: bool) -> dict[str, Any]:
+    """Check a raw file against its published checksum and return its manifest entry.
+
+    Raises:
+        ChecksumMismatchError: the checksum differs (only with ``verify_checksums``).
+    """
+    sha256 = file_digest(path, "sha256")
+    entry: dict[str, Any] = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256,
+                             "expected": {}, "verified": False}
+    if raw.md5:
+        entry["expected"]["md5"] = raw.md5
+    if raw.sha256:
+        entry["expected"]["sha256"] = raw.sha256
+    if not entry["expected"]:
+        _warn_unverified(f"{path}: no published checksum for {raw.filename}; verified by format only "
+                         f"(sha256 {sha256} recorded in the manifest)")
+        return entry
+    if not verify_checksums:
+        return entry
+    for algorithm, expected in entry["expected"].items():
+        actual = sha256 if algorithm == "sha256" else file_digest(path, algorithm)
+        if actual != expected:
+            raise ChecksumMismatchError(
+                f"checksum mismatch for {path.resolve()}: {algorithm} is {actual}, expected {expected} "
+                f"({raw.checksum_source}). The file is corrupt, truncated or a different release: "
+                f"delete it and download it again. {_where_to_get(raw, path)}"
+            )
+    entry["verified"] = True
+    return entry
+
+
+def download_raw_file(raw: RawFile, path: Path, verify_checksums: bool = True) -> dict[str, Any]:
+    """Download ``raw`` to a temporary name next to ``path``, verify it, then rename it.
+
+    Returns:
+        The manifest entry of the downloaded file (see :func:`verify_raw_file`).
+
+    Raises:
+        RawFileMissingError: every URL failed (network error), with where to put the file by hand.
+        ChecksumMismatchError: the download does not match the published checksum.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for url in raw.urls:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{raw.filename}.", suffix=".part", dir=path.parent)
+        tmp = Path(tmp_name)
+        try:
+            print(f"downloading {url} -> {path}")
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+                shutil.copyfileobj(resp, out, length=1 << 20)
+            entry = verify_raw_file(tmp, raw, verify_checksums)
+            os.replace(tmp, path)
+            entry["file"] = path.name
+            return entry
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            errors.append(f"{url}: {e}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise RawFileMissingError(
+        f"could not download {raw.filename} ({'; '.join(errors)}). {_where_to_get(raw, path)}"
+    )
+
+
+def ensure_raw_file(raw: RawFile, folder: Path, download: bool, verify_checksums: bool) -> tuple[Path, dict]:
+    """Return the path of a raw file (downloading it if allowed) and its manifest entry."""
+    path = folder / raw.filename
+    if not path.is_file():
+        if not download:
+            raise RawFileMissingError(f"raw file missing: {path.resolve()}. {_where_to_get(raw, path)} "
+                                      "(or run with downloading enabled).")
+        return path, download_raw_file(raw, path, verify_checksums)
+    return path, verify_raw_file(path, raw, verify_checksums)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-dataset builders: each takes a _Context and returns a _Built
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _Built:
+    """What a builder produced: split arrays (in memory or memmaps already in the temp dir),
+    raw-input manifest entries (paths relative to ``<raw_dir>/<name>``) and a split description."""
+
+    splits: dict[str, np.ndarray] = field(default_factory=dict)
+    raw_inputs: list[dict] = field(default_factory=list)
+    split_description: str = ""
+    max_value: int = 255
+
+
+@dataclass
+class _Context:
+    """Arguments of one ``prepare_dataset`` call; ``raw_folder`` is ``<raw_dir>/<name>``."""
+
+    name: str
+    raw_folder: Path
+    tmp_dir: Path
+    download: bool
+    verify_checksums: bool
+    seed: int
+    image_size: int
+    celeba_split: tuple[int, int]
+
+
+def _pad_to_32(images: np.ndarray) -> np.ndarray:
+    """(N, 28, 28) -> (N, 1, 32, 32) with 2 zero pixels on every side (spec §8)."""
+    return np.pad(images, ((0, 0), (2, 2), (2, 2)))[:, None]
+
+
+def _build_digits(ctx: _Context) -> _Built:
+    import importlib.resources
+
+    import sklearn
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images  # (1797, 8, 8) floats with integer values 0..16
+    if images.shape != (1797, 8, 8) or images.min() < 0 or images.max() > 16:
+        raise RawFormatError(f"scikit-learn digits have shape {images.shape}, expected (1797, 8, 8) in 0..16")
+    images = np.rint(images).astype(np.uint8)[:, None]
+    perm = np.random.default_rng(ctx.seed).permutation(len(images))
+    n_train, n_valid, _ = DIGITS_SPLIT
+    built = _Built(max_value=16)
+    built.splits = {
+        "train": images[perm[:n_train]],
+        "valid": images[perm[n_train:n_train + n_valid]],
+        "test": images[perm[n_train + n_valid:]],
+    }
+    built.split_description = (
+        f"scikit-learn load_digits (1,797 8x8 images, levels 0..16); permutation "
+        f"numpy.random.default_rng({ctx.seed}).permutation(1797): first {n_train} train, "
+        f"next {n_valid} valid, last {len(images) - n_train - n_valid} test"
+    )
+    csv = importlib.resources.files("sklearn.datasets") / "data" / "digits.csv.gz"
+    with importlib.resources.as_file(csv) as csv_path:
+        built.raw_inputs.append({"file": f"sklearn/datasets/data/digits.csv.gz (scikit-learn {sklearn.__version__})",
+                                 "bytes": csv_path.stat().st_size, "sha256": file_digest(csv_path),
+                                 "expected": {}, "verified": False})
+    return built
+
+
+def _build_mnist(ctx: _Context) -> _Built:
+    built = _Built()
+    files = {}
+    for raw in RAW_FILES["mnist"]:
+        path, entry = ensure_raw_file(raw, ctx.raw_folder, ctx.download, ctx.verify_checksums)
+        files[raw.filename] = path
+        built.raw_inputs.append(entry)
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = formats.read_idx_gz(files[f"{prefix}-images-idx3-ubyte.gz"], formats.IDX_MAGIC_IMAGES)
+        labels = formats.read_idx_gz(files[f"{prefix}-labels-idx1-ubyte.gz"], formats.IDX_MAGIC_LABELS)
+        if images.shape[1:] != (28, 28) or len(labels) != len(images):
+            raise RawFormatError(f"{files[f'{prefix}-images-idx3-ubyte.gz']}: images {images.shape} with "
+                                 f"{len(labels)} labels; expected (N, 28, 28) and N labels")
+        built.splits[split] = _pad_to_32(images)
+    built.split_description = ("official MNIST split: train-* -> train, t10k-* -> test; 28x28 zero-padded "
+                               "by 2 px to 32x32; no validation split")
+    return built
+
+
+def _build_omniglot(ctx: _Context) -> _Built:
+    built = _Built()
+    path, entry = ensure_raw_file(RAW_FILES["omniglot"][0], ctx.raw_folder, ctx.download, ctx.verify_checksums)
+    built.raw_inputs.append(entry)
+    arrays = formats.read_omniglot_mat(path)
+    built.splits = {split: _pad_to_32(images) for split, images in arrays.items()}
+    built.split_description = ("chardata.mat: 'data' -> train, 'testdata' -> test; each column read in "
+                               "column-major order into 28x28, intensity v stored as round(255 v), zero-padded "
+                               "to 32x32; no validation split")
+    return built
+
+
+def _build_cifar10(ctx: _Context) -> _Built:
+    built = _Built()
+    path, entry = ensure_raw_file(RAW_FILES["cifar10"][0], ctx.raw_folder, ctx.download, ctx.verify_checksums)
+    built.raw_inputs.append(entry)
+    built.splits = formats.read_cifar10_tar(path)
+    built.split_description = "official CIFAR-10 split: data_batch_1..5 (in order) -> train, test_batch -> test"
+    return built
+
+
+_TFR_SPLIT_DIRS = {"train": "train", "valid": "validation"}
+_RES_TAG = re.compile(r"-r(\d\d)-")
+
+
+def _select_shards(names: list[str], image_size: int) -> list[str]:
+    """Keep the shards of resolution ``image_size`` when shard names carry GLOW's ``-rNN-`` tag."""
+    tags = {n: _RES_TAG.search(Path(n).name) for n in names}
+    if any(tags.values()):
+        want = f"{int(np.log2(image_size)):02d}"
+        return sorted(n for n, m in tags.items() if m and m.group(1) == want)
+    return sorted(names)
+
+
+def _iter_tfr_images(ctx: _Context, source: Path, split: str) -> Iterator[tuple[np.ndarray, str]]:
+    """Yield (image (3,S,S), where) for one split from a celeba-tfr directory or tarball."""
+    sub = _TFR_SPLIT_DIRS[split]
+    if source.is_dir():
+        shards = _select_shards([str(p) for p in (source / sub).glob("*.tfrecords")], ctx.image_size)
+        if not shards:
+            raise RawFormatError(f"{source / sub}: no *.tfrecords shards of {ctx.image_size}x{ctx.image_size} images")
+        for shard in shards:
+            with open(shard, "rb") as f:
+                for i, payload in enumerate(formats.iter_tfrecords(f, shard)):
+                    yield formats.example_to_image(payload, f"{shard} record {i}"), shard
+        return
+    try:
+        with tarfile.open(source, "r:*") as tar:
+            members = {m.name: m for m in tar.getmembers()
+                       if m.isfile() and m.name.endswith(".tfrecords") and f"/{sub}/" in f"/{m.name}"}
+            shards = _select_shards(list(members), ctx.image_size)
+            if not shards:
+                raise RawFormatError(f"{source}: no {sub}/*.tfrecords shards of {ctx.image_size}x{ctx.image_size}")
+            for shard in shards:
+                where = f"{source}:{shard}"
+                for i, payload in enumerate(formats.iter_tfrecords(tar.extractfile(members[shard]), where)):
+                    yield formats.example_to_image(payload, f"{where} record {i}"), where
+    except (tarfile.TarError, EOFError) as e:
+        raise RawFormatError(f"{source}: not a complete tar archive ({type(e).__name__}: {e})") from e
+
+
+def _fill_split(ctx: _Context, split: str, count: int, images: Iterator[tuple[np.ndarray, str]]) -> np.ndarray:
+    """Stream exactly ``count`` images of shape (3, S, S) into ``<tmp>/<split>.npy``."""
+    s = ctx.image_size
+    out = np.lib.format.open_memmap(ctx.tmp_dir / f"{split}.npy", mode="w+", dtype=np.uint8, shape=(count, 3, s, s))
+    n = 0
+    for image, where in images:
+        if image.shape != (3, s, s):
+            raise RawFormatError(f"{where}: image has shape (C,H,W)={image.shape}, expected (3, {s}, {s})")
+        if n >= count:
+            raise RawFormatError(f"{where}: more than the expected {count} {split} images")
+        out[n] = image
+        n += 1
+    if n != count:
+        raise RawFormatError(f"{split} split has {n} images, expected {count} (missing or truncated shards/files?)")
+    out.flush()
+    return out
+
+
+def _build_celeba256(ctx: _Context) -> _Built:
+    built = _Built()
+    n_train, n_valid = ctx.celeba_split
+    tfr_dir, image_dir = ctx.raw_folder / "celeba-tfr", ctx.raw_folder / "images"
+    if tfr_dir.is_dir() or not image_dir.is_dir():
+        raw = RAW_FILES["celeba256"][0]
+        if tfr_dir.is_dir():
+            source = tfr_dir
+            _warn_unverified(f"{tfr_dir}: extracted GLOW shards have no published checksum; verified by "
+                             "TFRecord CRC-32C, Example layout and split counts (sha256 of each shard recorded)")
+            for shard in sorted(tfr_dir.glob("*/*.tfrecords")):
+                built.raw_inputs.append({"file": str(shard.relative_to(ctx.raw_folder)), "bytes": shard.stat().st_size,
+                                         "sha256": file_digest(shard), "expected": {}, "verified": False})
+        else:
+            source, entry = ensure_raw_file(raw, ctx.raw_folder, ctx.download, ctx.verify_checksums)
+            built.raw_inputs.append(entry)
+        for split, count in (("train", n_train), ("valid", n_valid)):
+            built.splits[split] = _fill_split(ctx, split, count, _iter_tfr_images(ctx, source, split))
+        built.split_description = (f"GLOW celeba-tfr release: train/*.tfrecords -> train ({n_train}), "
+                                   f"validation/*.tfrecords -> valid ({n_valid}); shards in name order, "
+                                   "records in file order; every record's CRC-32C verified")
+    else:
+        files = formats.list_image_files(image_dir)
+        _warn_unverified(f"{image_dir}: an image folder has no published checksum; verified by image size "
+                         "and count (sha256 of each used image recorded)")
+        if len(files) < n_train + n_valid:
+            raise RawFormatError(f"{image_dir}: {len(files)} images, expected at least {n_train + n_valid} "
+                                 f"({n_train} train + {n_valid} valid) PNG/JPEG files of "
+                                 f"{ctx.image_size}x{ctx.image_size}")
+        chosen = {"train": files[:n_train], "valid": files[n_train:n_train + n_valid]}
+        for split, paths in chosen.items():
+            for p in paths:
+                built.raw_inputs.append({"file": str(p.relative_to(ctx.raw_folder)), "bytes": p.stat().st_size,
+                                         "sha256": file_digest(p), "expected": {}, "verified": False})
+            stream = ((formats.read_rgb_image(p, ctx.image_size), str(p)) for p in paths)
+            built.splits[split] = _fill_split(ctx, split, len(paths), stream)
+        built.split_description = (f"image folder images/ sorted by file name: first {n_train} -> train, "
+                                   f"next {n_valid} -> valid ({len(files) - n_train - n_valid} ignored)")
+    return built
+
+
+_BUILDERS: dict[str, Callable[[_Context], _Built]] = {
+    "digits": _build_digits,
+    "mnist": _build_mnist,
+    "omniglot": _build_omniglot,
+    "cifar10": _build_cifar10,
+    "celeba256": _build_celeba256,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: temp dir -> atomic rename
+# ----------------------------------------------------------------------------------------------
+
+def _write_outputs(ctx: _Context, built: _Built) -> None:
+    splits_meta = {}
+    for split, array in built.splits.items():
+        path = ctx.tmp_dir / f"{split}.npy"
+        if not path.exists():  # streamed splits are already there
+            np.save(path, np.ascontiguousarray(array, dtype=np.uint8))
+        if array.dtype != np.uint8 or array.ndim != 4 or array.max(initial=0) > built.max_value:
+            raise RawFormatError(f"{ctx.name}/{split}: produced {array.dtype} {array.shape}; expected uint8 "
+                                 f"(N,C,H,W) with values <= {built.max_value}")
+        splits_meta[split] = {"file": path.name, "count": int(array.shape[0]), "shape": list(array.shape),
+                              "sha256": file_digest(path)}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": ctx.name,
+        "dtype": "uint8",
+        "layout": "NCHW",
+        "max_value": built.max_value,
+        "dynamic_binarisation": ctx.name in BINARISED_DATASETS,
+        "splits": splits_meta,
+        "split_description": built.split_description,
+        "seed": ctx.seed,
+        "raw_inputs": built.raw_inputs,
+        "checksums_verified": ctx.verify_checksums,
+    }
+    (ctx.tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _swap_into_place(tmp_dir: Path, target: Path) -> None:
+    """Rename ``tmp_dir`` to ``target``; an existing ``target`` is removed only after the swap."""
+    if not target.exists():
+        os.replace(tmp_dir, target)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    backup.rmdir()
+    os.replace(target, backup)
+    try:
+        os.replace(tmp_dir, target)
+    except BaseException:
+        os.replace(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def prepare_dataset(
+    name: str,
+    raw_dir: str | Path = "data/raw",
+    out_dir: str | Path = "data/prepared",
+    download: bool = True,
+    seed: int = 0,
+    *,
+    verify_checksums: bool = True,
+    image_size: int = 256,
+    celeba_split: tuple[int, int] = CELEBA_SPLIT,
+) -> Path:
+    """Prepare dataset ``name`` into ``<out_dir>/<name>/`` (format in the module docstring).
+
+    Args:
+        name: one of :data:`DATASET_NAMES`.
+        raw_dir: folder holding ``<name>/<raw files>`` (see :data:`RAW_FILES`). For ``celeba256``:
+            ``celeba-tfr/{train,validation}/*.tfrecords``, else ``images/*.png|jpg``, else
+            ``celeba-tfr.tar``.
+        out_dir: parent of the prepared dataset folder.
+        download: fetch a missing raw file from its URL (verified, then renamed into place);
+            if False, a missing file raises an error saying where to put it.
+        seed: seed of the ``digits`` train/valid/test permutation (recorded for every dataset).
+        verify_checksums: compare raw files with their published checksums. Only tests of tiny
+            generated files should turn this off; the sha256 of every input is recorded either way.
+        image_size: ``celeba256`` image side (256 for the real data; smaller for tests).
+        celeba_split: ``celeba256`` (train, valid) counts, (27000, 3000) for the real data.
+
+    Returns:
+        The prepared dataset folder.
+
+    Raises:
+        ValueError: unknown ``name`` or bad argument.
+        RawFileMissingError: a raw file is missing (message: full path and URL).
+        ChecksumMismatchError, RawFormatError: corrupt, truncated or wrong-format raw file.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"name={name!r} is not a known dataset; allowed: {', '.join(DATASET_NAMES)}")
+    if image_size < 1 or len(celeba_split) != 2 or min(celeba_split) < 1:
+        raise ValueError(f"image_size={image_size}, celeba_split={celeba_split}: need positive values")
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    target = out_dir / name
+    created_out_dir = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
+    ctx = _Context(name, raw_dir / name, tmp_dir, download, verify_checksums, seed, image_size, tuple(celeba_split))
+    try:
+        built = _BUILDERS[name](ctx)
+        _write_outputs(ctx, built)
+        built.splits.clear()  # release memmaps before renaming
+        _swap_into_place(tmp_dir, target)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if created_out_dir and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    return target
