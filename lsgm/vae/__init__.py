@@ -1,0 +1,5 @@
+"""NVAE-style VAE backbone of LSGM (spec §1): model, cells, flows, decoder distributions, regularisation."""
+
+from lsgm.vae.nvae import NVAE, NVAEOutput
+
+__all__ = ["NVAE", "NVAEOutput"]
