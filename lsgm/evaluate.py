@@ -1,0 +1,398 @@
+"""Sampling and the NLL bound with a written protocol (spec §6.1, §7.1, §11).
+
+* :func:`sample_experiment` (``lsgm sample``): probability-flow ODE samples of the final prior stage, decoded to
+  the decoder mean, saved as uint8 ``samples.npz`` + ``grid.png`` + ``sample_stats.json`` (NFE/time per batch).
+* :func:`eval_nll_experiment` (``lsgm eval-nll``): per test image
+  ``NELBO = −log p(x|z) + Σ log q(z|x) − log p(z0_top) − log N(z_rest; 0, I)`` (nats), where ``−log p(z0_top)``
+  is the ODE prior term (``--model lsgm``) or the analytic ``−log N(z0_top; 0, I)`` of the stage-1 VAE
+  (``--model vae``). With ``num_iw_samples = K > 1`` also ``−log mean_k exp(−NELBO_k)``. Binarised data is
+  re-binarised ``binarization_draws`` times. Random streams are separate and seeded (binarisation, encoder
+  noise, Hutchinson probes), so the VAE and LSGM evaluations see identical images and encoder samples and their
+  per-image values can be compared pairwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lsgm.config import ExperimentConfig, atomic_write_text, config_hash, write_resolved_config
+
+__all__ = [
+    "NLL_MODELS",
+    "bits_per_dim",
+    "eval_nll_experiment",
+    "git_commit",
+    "image_nelbo_terms",
+    "mean_and_stderr",
+    "model_path",
+    "resolve_device",
+    "sample_experiment",
+    "save_image_grid",
+    "solver_method",
+    "to_uint8_images",
+]
+
+NLL_MODELS = ("lsgm", "vae")
+_SOLVER_METHODS = {"dopri5": "dopri5", "scipy_rk45": "scipy_solver", "scipy_solver": "scipy_solver"}
+
+
+# --------------------------------------------------------------------------------------------- small helpers
+def bits_per_dim(nats: float | np.ndarray, num_dims: int) -> float | np.ndarray:
+    """bits/dim = nats / (ln 2 · D) (spec conventions, §7.1 step 4).
+
+    Args:
+        nats: value(s) in nats per image.
+        num_dims: D, the number of modelled dimensions (784 for cropped 28×28, 3072 for CIFAR-10).
+    """
+    if int(num_dims) < 1:
+        raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
+    return nats / (math.log(2.0) * int(num_dims))
+
+
+def mean_and_stderr(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and standard error ``std(ddof=1)/sqrt(n)`` over images (stderr NaN for a single value)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        raise ValueError("values is empty; need at least one image")
+    stderr = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
+    return float(v.mean()), stderr
+
+
+def solver_method(name: str) -> str:
+    """Map a config ODE method (``dopri5`` | ``scipy_rk45``) to the solver name of :mod:`lsgm.sampling`."""
+    if name not in _SOLVER_METHODS:
+        raise ValueError(f"ODE method={name!r} is not allowed; allowed: dopri5, scipy_rk45")
+    return _SOLVER_METHODS[name]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; otherwise the named device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def model_path(cfg: ExperimentConfig, run_root: str | os.PathLike, model: str) -> Path:
+    """``<run_root>/<exp>/vae/model.pt`` (stage 1) or ``<run_root>/<exp>/<final prior stage>/model.pt``."""
+    if model not in NLL_MODELS:
+        raise ValueError(f"model={model!r} is not allowed; allowed: {', '.join(NLL_MODELS)}")
+    stage = "vae" if model == "vae" else cfg.final_prior_stage
+    return Path(run_root) / cfg.name / stage / "model.pt"
+
+
+def git_commit(repo: str | os.PathLike | None = None) -> str | None:
+    """``git rev-parse HEAD`` of the repository holding this package (None when not a git checkout)."""
+    repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    from lsgm.checkpoint import sha256_file
+
+    return sha256_file(path) if path.is_file() else None
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, allow_nan=True) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- images
+def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
+    """Decoder means in [−1, 1] → uint8 levels ``round(255 (x + 1)/2)`` (spec §1.6: [−1,1] → [0,1])."""
+    x01 = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return torch.round(x01 * 255.0).to(torch.uint8)
+
+
+def save_image_grid(images: np.ndarray | torch.Tensor, path: str | os.PathLike, nrow: int, pad: int = 1) -> Path:
+    """Save up to ``nrow²`` uint8 images (N, C, H, W) as a PNG grid (white padding).
+
+    Args:
+        images: uint8 (N, C, H, W), C in {1, 3}.
+        path: output ``.png``.
+        nrow: images per row (and rows).
+        pad: pixels between images.
+    """
+    from PIL import Image
+
+    imgs = np.asarray(images)
+    if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[1] not in (1, 3):
+        raise ValueError(f"images must be uint8 (N, C, H, W) with C in (1, 3), got {imgs.dtype} {imgs.shape}")
+    imgs = imgs[: nrow * nrow]
+    n, c, h, w = imgs.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(imgs):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = img.transpose(1, 2, 0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def _load(cfg: ExperimentConfig, run_root: Path, model: str, device: torch.device, use_ema: bool):
+    from lsgm.models import load_model
+
+    path = model_path(cfg, run_root, model)
+    loaded = load_model(path, device=device, use_ema=use_ema)
+    if model == "lsgm" and loaded.prior is None:
+        raise ValueError(f"{path}: has no SGM prior (stage {loaded.stage!r}); expected a prior-stage model")
+    return path, loaded
+
+
+def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int | None = None) -> dict[str, Any]:
+    """``lsgm sample``: probability-flow ODE samples of the final prior stage (spec §6.1).
+
+    Writes ``<run_root>/<exp>/sample/{samples.npz, grid.png, sample_stats.json, resolved_config.yaml}``.
+
+    Args:
+        cfg: experiment config (``sampling`` section: N, batch, ``ode_eps``, tolerance, temperatures, seed).
+        run_root: runs root (``data/runs``).
+        num_samples: override ``sampling.num_samples``.
+
+    Returns:
+        The dict written to ``sample_stats.json``.
+    """
+    from lsgm.sampling import sample_ode
+
+    sc = cfg.sampling
+    n = sc.num_samples if num_samples is None else int(num_samples)
+    if n < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples!r}")
+    device = resolve_device(cfg.engine.device)
+    path, m = _load(cfg, Path(run_root), "lsgm", device, sc.use_ema)
+    generator = torch.Generator(device=device).manual_seed(sc.seed)
+    latent_shape = tuple(m.vae.latent_shape)
+    images, nfes, seconds = [], [], []
+    m.vae.train(sc.vae_train_mode)  # CelebA FID decodes with batch statistics (spec §6.1 step 5)
+    with tqdm(total=n, desc=f"sample {cfg.name}", unit="img") as bar:
+        while len(images) * sc.batch_size < n:
+            b = min(sc.batch_size, n - len(images) * sc.batch_size)
+            res = sample_ode(m.prior, m.sde, (b, *latent_shape), ode_eps=sc.ode_eps, tol=sc.ode_tol,
+                             temperature=sc.temperature, method=solver_method(sc.method), generator=generator,
+                             device=device)
+            with torch.no_grad():
+                params = m.vae.decode(res.z, temperature_rest=sc.vae_temperature, generator=generator)
+                images.append(to_uint8_images(m.vae.decoder_mean(params)).cpu())
+            nfes.append(int(res.nfe))
+            seconds.append(float(res.seconds))
+            bar.update(b)
+            bar.set_postfix(nfe=res.nfe)
+    m.vae.eval()
+    samples = torch.cat(images).numpy()
+    out_dir = Path(run_root) / cfg.name / "sample"
+    _save_npz(out_dir / "samples.npz", images=samples)
+    save_image_grid(samples, out_dir / "grid.png", nrow=sc.grid_size)
+    write_resolved_config(cfg, out_dir)
+    nfe_mean, nfe_std = float(np.mean(nfes)), float(np.std(nfes))
+    stats = {
+        "num_samples": n, "batch_size": sc.batch_size, "num_batches": len(nfes), "shape": list(samples.shape[1:]),
+        "nfe_mean": nfe_mean, "nfe_std": nfe_std, "nfe_per_batch": nfes,
+        "seconds_mean": float(np.mean(seconds)), "seconds_std": float(np.std(seconds)),
+        "seconds_per_batch": seconds, "seconds_meaning": "ODE solve time per batch (excludes decoding)",
+        "ode_eps": sc.ode_eps, "tol": sc.ode_tol, "temperature": sc.temperature,
+        "vae_temperature": sc.vae_temperature, "method": sc.method, "vae_train_mode": sc.vae_train_mode,
+        "seed": sc.seed, "checkpoint": str(path), "checkpoint_step": m.step, "stage": m.stage,
+        "use_ema": sc.use_ema, "device": str(device), "dtype": "float32",
+        "commit": git_commit(), "params_hash": config_hash({"sampling": sc, "vae": cfg.vae, "prior": cfg.prior}),
+        "command": f"lsgm sample {cfg.name} --run-root {run_root}"
+                   + (f" --num-samples {n}" if num_samples is not None else ""),
+    }
+    _write_json(out_dir / "sample_stats.json", stats)
+    print(f"{n} samples, NFE {nfe_mean:.1f} ± {nfe_std:.1f} per batch -> {out_dir}")
+    return stats
+
+
+# --------------------------------------------------------------------------------------------- NLL
+def image_nelbo_terms(vae: torch.nn.Module, x: torch.Tensor, *, prior_nll_fn=None,
+                      generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Per-image terms of the NLL bound for one encoder sample (spec §7.1 steps 1–3), in nats.
+
+    ``nelbo = recon + log_q − log_p_rest + prior_top`` with ``recon = −log p(x|z)``, ``log_q = Σ log q(z|x)``
+    (all groups, flows included), ``log_p_rest = Σ log N(z_rest; 0, I)`` (finer scales) and ``prior_top`` the
+    prior NLL of the top-scale latents: ``prior_nll_fn(z0_top) -> ((B,), nfe)`` (SGM, ODE) or, when None,
+    the analytic ``−log N(z0_top; 0, I)`` (the stage-1 VAE's Normal prior).
+
+    Args:
+        vae: the NVAE (eval mode).
+        x: images in [−1, 1], (B, C, H, W).
+        prior_nll_fn: SGM prior term, or None for the Normal prior.
+        generator: RNG of the encoder noise.
+
+    Returns:
+        ``({'nelbo', 'recon', 'log_q', 'prior_top', 'prior_rest', 'prior_top_normal', 'nelbo_normal'}, nfe)``
+        with (B,) float64 tensors; ``*_normal`` use ``N(0, I)`` for the top latents of the same sample (a
+        paired diagnostic: how much the SGM prior gains over the Normal prior on this very encoder).
+    """
+    with torch.no_grad():
+        out = vae(x, generator=generator)
+        top = out.top_group_count
+        recon = -vae.decoder_log_prob(out.decoder_params, x)
+        log_q = sum(g.flatten(1).sum(1) for g in out.log_q)
+        prior_rest = -sum((g.flatten(1).sum(1) for g in out.log_p_normal[top:]), torch.zeros_like(recon))
+        z0_top = out.z0_top
+        prior_top_normal = -sum(g.flatten(1).sum(1) for g in out.log_p_normal[:top])
+    nfe = 0
+    if prior_nll_fn is None:
+        prior_top = prior_top_normal
+    else:
+        prior_top, nfe = prior_nll_fn(z0_top)
+    terms = {"recon": recon, "log_q": log_q, "prior_top": prior_top, "prior_rest": prior_rest,
+             "prior_top_normal": prior_top_normal}
+    terms = {k: v.detach().double().cpu() for k, v in terms.items()}
+    vae_terms = terms["recon"] + terms["log_q"] + terms["prior_rest"]
+    terms["nelbo"] = vae_terms + terms["prior_top"]
+    terms["nelbo_normal"] = vae_terms + terms["prior_top_normal"]
+    return terms, int(nfe)
+
+
+def _eval_images(cfg: ExperimentConfig, data_root: Path):
+    from lsgm.data.loader import load_split
+
+    split = load_split(data_root, cfg.data.dataset, cfg.data.eval_split)
+    n = len(split) if cfg.data.max_eval_images is None else min(len(split), cfg.data.max_eval_images)
+    return split, n
+
+
+def eval_nll_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Path, model: str) -> dict[str, Any]:
+    """``lsgm eval-nll``: the NLL bound on the evaluation split (spec §7.1); writes ``eval/nll_<model>.json``.
+
+    Args:
+        cfg: experiment config (``eval_nll`` section: batch, ODE eps/tol, probes, K, draws, seed).
+        run_root: runs root (``data/runs``).
+        data_root: prepared datasets root (``data/prepared``).
+        model: ``"lsgm"`` (final prior stage, ODE prior term) or ``"vae"`` (stage-1 model, Normal prior).
+
+    Returns:
+        The dict written to the JSON file.
+    """
+    from lsgm.data.loader import preprocess
+    from lsgm.likelihood import ode_nll
+
+    ec = cfg.eval_nll
+    device = resolve_device(cfg.engine.device)
+    path, m = _load(cfg, Path(run_root), model, device, ec.use_ema)
+    split, n = _eval_images(cfg, Path(data_root))
+    data_gen = torch.Generator().manual_seed(ec.seed)  # binarisation draws (CPU, like the uint8 images)
+    enc_gen = torch.Generator(device=device).manual_seed(ec.seed + 1)  # encoder noise
+    probe_gen = torch.Generator(device=device).manual_seed(ec.seed + 2)  # Hutchinson probes
+    nfes: list[int] = []
+
+    def sgm_prior_nll(z0: torch.Tensor):
+        res = ode_nll(m.prior, m.sde, z0, ode_eps=ec.ode_eps, tol=ec.ode_tol, trace=ec.trace, probe=ec.probe,
+                      num_probes=ec.num_probes, probe_mode=ec.probe_mode, method=solver_method(ec.method),
+                      generator=probe_gen)
+        return res.nll_nats, res.nfe
+
+    prior_fn = sgm_prior_nll if model == "lsgm" else None
+    draws, k_iw = ec.binarization_draws if cfg.data.binarize else 1, ec.num_iw_samples
+    terms_all: dict[str, np.ndarray] = {}
+    start = time.perf_counter()
+    batches = [torch.arange(i, min(i + ec.batch_size, n)) for i in range(0, n, ec.batch_size)]
+    with tqdm(total=draws * n * k_iw, desc=f"eval-nll {cfg.name} ({model})", unit="img") as bar:
+        for d in range(draws):
+            for idx in batches:
+                x01 = preprocess(split.batch(idx), max_value=split.max_value, binarize=cfg.data.binarize,
+                                 num_x_bits=cfg.data.num_x_bits, flip=False, generator=data_gen)
+                x = (2.0 * x01 - 1.0).to(device)
+                for k in range(k_iw):
+                    terms, nfe = image_nelbo_terms(m.vae, x, prior_nll_fn=prior_fn, generator=enc_gen)
+                    if prior_fn is not None:
+                        nfes.append(nfe)
+                    for key, val in terms.items():
+                        terms_all.setdefault(key, np.zeros((draws, n, k_iw)))[d, idx.numpy(), k] = val.numpy()
+                    bar.update(len(idx))
+                    if nfes:
+                        bar.set_postfix(nfe=nfes[-1])
+    result = _summarise_nll(cfg, terms_all, k_iw)
+    result.update(_nll_protocol(cfg, model, path, m, Path(run_root), Path(data_root), n, draws, nfes, device))
+    result["seconds"] = time.perf_counter() - start
+    out = Path(run_root) / cfg.name / "eval" / f"nll_{model}.json"
+    _write_json(out, result)
+    print(f"{model} NLL {result['nll_nats']:.3f} ± {result['nll_nats_stderr']:.3f} nats "
+          f"({result['bits_per_dim']:.4f} bits/dim, D={result['num_dims']}) -> {out}")
+    return result
+
+
+def _summarise_nll(cfg: ExperimentConfig, terms: dict[str, np.ndarray], k_iw: int) -> dict[str, Any]:
+    """Headline numbers from per-(draw, image, k) terms: NELBO, IW bound, bits/dim, standard errors."""
+    nelbo = terms["nelbo"]  # (draws, N, K)
+    per_image_nelbo = nelbo.mean(axis=(0, 2))
+    lse = np.logaddexp.reduce(-nelbo, axis=2) - math.log(k_iw)  # log mean_k exp(-NELBO_k)
+    per_image_iw = (-lse).mean(axis=0)
+    per_image = per_image_iw if k_iw > 1 else per_image_nelbo
+    d = cfg.data.likelihood_dims
+    mean, se = mean_and_stderr(per_image)
+    nelbo_mean, nelbo_se = mean_and_stderr(per_image_nelbo)
+    out: dict[str, Any] = {
+        "nll_nats": mean, "nll_nats_stderr": se,
+        "bits_per_dim": float(bits_per_dim(mean, d)), "bits_per_dim_stderr": float(bits_per_dim(se, d)),
+        "num_dims": d,
+        "estimator": "importance-weighted bound" if k_iw > 1 else "NELBO (single encoder sample)",
+        "nelbo_nats": nelbo_mean, "nelbo_nats_stderr": nelbo_se,
+        "nelbo_bpd": float(bits_per_dim(nelbo_mean, d)),
+        "terms_nats": {k: float(v.mean()) for k, v in terms.items() if not k.startswith("nelbo")},
+        "per_draw_nll_nats": [float(v) for v in nelbo.mean(axis=(1, 2))],
+        "per_image_nll_nats": [float(v) for v in per_image],
+    }
+    gain = (terms["nelbo_normal"] - nelbo).mean(axis=(0, 2))  # > 0: the SGM prior beats N(0, I)
+    out["normal_prior_nelbo_nats"], out["normal_prior_nelbo_nats_stderr"] = mean_and_stderr(
+        terms["nelbo_normal"].mean(axis=(0, 2)))
+    out["prior_gain_over_normal_nats"], out["prior_gain_over_normal_nats_stderr"] = mean_and_stderr(gain)
+    out["terms_nats"]["kl"] = out["terms_nats"]["log_q"] + out["terms_nats"]["prior_top"] \
+        + out["terms_nats"]["prior_rest"]
+    return out
+
+
+def _nll_protocol(cfg: ExperimentConfig, model: str, path: Path, m, run_root: Path, data_root: Path, n: int,
+                  draws: int, nfes: list[int], device: torch.device) -> dict[str, Any]:
+    """Everything that changes the NLL number (spec §7.1), for ``nll_<model>.json``."""
+    ec = cfg.eval_nll
+    sections: dict[str, Any] = {"data": cfg.data, "vae": cfg.vae, "train_vae": cfg.train_vae, "eval_nll": ec}
+    if model == "lsgm":
+        sections["prior"] = cfg.prior
+    proto: dict[str, Any] = {
+        "model": model, "prior": "SGM (probability-flow ODE)" if model == "lsgm" else "standard Normal (analytic)",
+        "num_images": n, "split": cfg.data.eval_split, "dataset": cfg.data.dataset,
+        "binarized": cfg.data.binarize, "binarization_draws": draws, "num_iw_samples": ec.num_iw_samples,
+        "batch_size": ec.batch_size, "seed": ec.seed,
+        "checkpoint": str(path), "checkpoint_step": m.step, "stage": m.stage,
+        "use_ema": bool(ec.use_ema and model == "lsgm"), "device": str(device), "dtype": "float32",
+        "commit": git_commit(), "params_hash": config_hash(sections),
+        "data_manifest_sha256": _sha256_or_none(data_root / cfg.data.dataset / "manifest.json"),
+        "command": f"lsgm eval-nll {cfg.name} --model {model} --run-root {run_root} --data-root {data_root}",
+    }
+    if model == "lsgm":
+        proto.update(ode_eps=ec.ode_eps, tol=ec.ode_tol, method=ec.method, trace=ec.trace, probe=ec.probe,
+                     num_probes=ec.num_probes, probe_mode=ec.probe_mode,
+                     nfe_mean=float(np.mean(nfes)), nfe_std=float(np.std(nfes)), nfe_per_batch=nfes)
+    else:
+        proto.update(ode_eps=None, tol=None, method=None, trace=None, probe=None, num_probes=None,
+                     probe_mode=None, nfe_mean=0.0, nfe_std=0.0, nfe_per_batch=[])
+    return proto
