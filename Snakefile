@@ -1,0 +1,25 @@
+# LSGM pipeline. `snakemake --cores all` builds reports/ for the default experiments (params/experiments.yaml);
+# `--config exps=cifar10_best_fid` (or exps=all) picks others; `--profile slurm` submits every job to Slurm.
+# Stage facts (commands, inputs, outputs, params per key) live in lsgm/pipeline.py; dvc.yaml is generated there.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "params/experiments.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/vae.smk"
+include: "workflow/rules/prior.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        PIPE.find("report").outputs,
+        expand("params/resolved/{exp}.yaml", exp=EXPS),

@@ -1,0 +1,95 @@
+# Shared by every rule: the experiment matrix, the stage table (lsgm/pipeline.py: the one home of each
+# stage's command, inputs, outputs and params) and small adapters from it to rule directives.
+import posixpath
+
+import lsgm.pipeline as P
+from lsgm.config import default_experiments, list_experiments
+
+ALL_EXPERIMENTS = list_experiments()
+
+
+def _selected_experiments():
+    """`--config exps=a,b` (or `exps=all`) picks experiments; default: the matrix's default ones."""
+    raw = config.get("exps")
+    if raw is None:
+        return default_experiments()
+    names = ALL_EXPERIMENTS if raw == "all" else [e for e in str(raw).split(",") if e]
+    unknown = [e for e in names if e not in ALL_EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"--config exps={raw}: unknown {unknown}; allowed: {ALL_EXPERIMENTS} or 'all'")
+    return names
+
+
+EXPS = _selected_experiments()
+PIPE = P.build_pipeline(ALL_EXPERIMENTS, report_experiments=EXPS)
+
+wildcard_constraints:
+    exp="|".join(ALL_EXPERIMENTS),
+    stage="|".join(sorted({s for c in PIPE.configs.values() for s in c.prior})),
+    dataset="[a-z0-9]+",
+    split="train|train\\+valid",
+    model="lsgm|vae",
+
+
+def _stage(kind, wc):
+    return PIPE.find(kind, **{w: wc[w] for w in P.KINDS[kind].wildcards})
+
+
+def stage_inputs(kind):
+    """Input function: the stage's deps (upstream outputs, params files, the lsgm modules it runs)."""
+    return lambda wc: list(_stage(kind, wc).deps)
+
+
+def stage_config(kind):
+    """Params function: the config values the stage reads (JSON), so only a change to them reruns it."""
+    return lambda wc: P.section_values(PIPE.config(_stage(kind, wc)), _stage(kind, wc).params)
+
+
+def stage_field(kind, name):
+    """Params function: a derived field of the stage (e.g. the owning experiment, the launcher)."""
+    return lambda wc: _stage(kind, wc).fields.get(name, _stage(kind, wc).exp)
+
+
+def stage_threads(kind):
+    return lambda wc: P.slurm_resources(PIPE.resources(_stage(kind, wc)))["cpus_per_task"]
+
+
+def stage_resources(kind):
+    """`resources:` of a rule: one function per key of P.slurm_resources (same keys for every stage)."""
+    keys = P.slurm_resources(P.ResourceConfig())
+    return {k: (lambda wc, k=k: P.slurm_resources(PIPE.resources(_stage(kind, wc)))[k]) for k in keys}
+
+
+def stage_shell(kind):
+    """The stage's command from the table, wildcards/params filled by Snakemake, plus the log redirect."""
+    k = P.KINDS[kind]
+    names = {n: ("{wildcards.%s}" % n if n in k.wildcards else "{params.%s}" % n) for n in P._template_fields(k.cmd)}
+    return k.cmd.format(**names) + k.log_redirect
+
+
+def outputs(kind, shown=None):
+    """Output patterns of a kind (wildcards left in), in the table's order. A path without a suffix is a
+    directory; `shown` maps a file name to a `snakemake --report` category."""
+    k = P.KINDS[kind]
+    out = []
+    for t in k.outs + k.outs_git + k.metrics + k.plots:
+        path = t.format(**{n: "{%s}" % n for n in P._template_fields(t)})
+        name = path.rsplit("/", 1)[-1]
+        if "." not in name:
+            path = directory(path)
+        elif shown and name in shown:
+            path = report(path, category=shown[name])
+        out.append(path)
+    return out
+
+
+def _per_job(base, kind, suffix):
+    return posixpath.join(base, *["{%s}" % w for w in P.KINDS[kind].wildcards], kind + suffix)
+
+
+def log_path(kind):
+    return _per_job(P.LOG_DIR, kind, ".log")
+
+
+def benchmark_path(kind):
+    return _per_job(P.BENCHMARK_DIR, kind, ".tsv")

@@ -1,0 +1,39 @@
+# NLL bounds of LSGM and of the VAE alone (spec §7.1), FID/IS/KID of the samples (spec §7.2).
+
+
+rule eval_nll:
+    """lsgm eval-nll EXP --model lsgm|vae."""
+    input:
+        stage_inputs("eval_nll"),
+    output:
+        outputs("eval_nll"),
+    params:
+        cfg=stage_config("eval_nll"),
+    log:
+        log_path("eval_nll"),
+    benchmark:
+        benchmark_path("eval_nll")
+    threads: stage_threads("eval_nll")
+    resources:
+        **stage_resources("eval_nll"),
+    shell:
+        stage_shell("eval_nll")
+
+
+rule eval_fid:
+    """lsgm eval-fid EXP (only where eval_fid.enabled)."""
+    input:
+        stage_inputs("eval_fid"),
+    output:
+        outputs("eval_fid"),
+    params:
+        cfg=stage_config("eval_fid"),
+    log:
+        log_path("eval_fid"),
+    benchmark:
+        benchmark_path("eval_fid")
+    threads: stage_threads("eval_fid")
+    resources:
+        **stage_resources("eval_fid"),
+    shell:
+        stage_shell("eval_fid")

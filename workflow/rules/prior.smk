@@ -1,0 +1,22 @@
+# Stage 2+ (spec §4): VAE + SGM prior. One job per prior stage of the experiment (CelebA qualitative has a
+# third stage, `frozen_vae`, initialised from `lsgm`); each starts from its `init_from` stage's model.
+
+
+rule train_lsgm:
+    """lsgm train-lsgm EXP --stage STAGE (resumes from data/runs/EXP/STAGE/checkpoints)."""
+    input:
+        stage_inputs("train_lsgm"),
+    output:
+        outputs("train_lsgm"),
+    params:
+        cfg=stage_config("train_lsgm"),
+        lsgm=stage_field("train_lsgm", "lsgm"),
+    log:
+        log_path("train_lsgm"),
+    benchmark:
+        benchmark_path("train_lsgm")
+    threads: stage_threads("train_lsgm")
+    resources:
+        **stage_resources("train_lsgm"),
+    shell:
+        stage_shell("train_lsgm")

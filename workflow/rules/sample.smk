@@ -1,0 +1,20 @@
+# Probability-flow ODE samples (spec §6.1) from the experiment's final prior stage.
+
+
+rule sample:
+    """lsgm sample EXP: samples.npz, grid.png, sample_stats.json."""
+    input:
+        stage_inputs("sample"),
+    output:
+        outputs("sample", shown={"grid.png": "Samples"}),
+    params:
+        cfg=stage_config("sample"),
+    log:
+        log_path("sample"),
+    benchmark:
+        benchmark_path("sample")
+    threads: stage_threads("sample")
+    resources:
+        **stage_resources("sample"),
+    shell:
+        stage_shell("sample")
