@@ -94,6 +94,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from lsgm.launch import run_launch
+
+    return run_launch(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lsgm`` argument parser (one sub-command per pipeline stage)."""
     p = argparse.ArgumentParser(prog="lsgm", description="LSGM: score-based generative modeling in latent space")
@@ -155,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("eval-fid", _cmd_eval_fid, "FID / IS / KID of the samples with torch-fidelity")
     exp(sp)
     roots(sp)
+
+    from lsgm.launch import add_launch_arguments
+
+    sp = add("launch", _cmd_launch, "run STAGE of EXP with the process layout of resources.STAGE: directly, "
+             "torchrun on one node, or srun + torchrun (c10d rendezvous) on several Slurm nodes")
+    add_launch_arguments(sp)
 
     sp = add("report", _cmd_report, "write reports/results.{md,csv}, claims.md and figures")
     sp.add_argument("--run-root", default="data/runs")
