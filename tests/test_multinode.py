@@ -4,7 +4,7 @@
   to the same parameters as one process accumulating the same global batch, and a restart of both resumes.
 * The sbatch line of snakemake-executor-plugin-slurm for the paper's 2 x 8-GPU stage, and the srun + torchrun
   line `lsgm launch` builds inside that allocation (with and without `scontrol`).
-* On the local test cluster (LSGM_TEST_SLURM=1, as CI sets it): a 1-node x 2-task job runs `lsgm launch` for real.
+* On the local test cluster (the session's `local_slurm` fixture): a 1-node x 2-task job runs `lsgm launch` for real.
 """
 
 import json
@@ -287,17 +287,8 @@ def test_two_torchrun_nodes_equal_one_process_and_resume(tmp_path, prepared):
 
 
 # ------------------------------------------------------------------------------------------------ real Slurm
-def _slurm_skip_reason() -> str | None:
-    if not os.environ.get("LSGM_TEST_SLURM"):
-        return "LSGM_TEST_SLURM is not set (CI's .ci/run sets it after starting the local Slurm)"
-    if not shutil.which("sbatch") or not shutil.which("srun"):
-        return "sbatch/srun not found"
-    return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_slurm_skip_reason() is not None, reason=str(_slurm_skip_reason()))
-def test_one_node_two_tasks_on_the_local_cluster(tmp_path, prepared):
+def test_one_node_two_tasks_on_the_local_cluster(tmp_path, prepared, local_slurm):
     """sbatch --ntasks 2 runs `lsgm launch --tasks-per-node 2`: srun starts two torchrun agents that meet by c10d
     rendezvous on the allocation's first host (found with scontrol, as inside a Snakemake jobstep, whose
     SLURM_* variables are stripped here too) and train 2 steps as ranks 0 and 1."""
@@ -311,7 +302,7 @@ def test_one_node_two_tasks_on_the_local_cluster(tmp_path, prepared):
     res = subprocess.run(["sbatch", "--parsable", "--wait", "--nodes", "1", "--ntasks", "2", "--cpus-per-task", "1",
                           "--mem", "3000", "-t", "10", "-o", str(out), "-D", str(REPO),
                           "--wrap", strip + "export OMP_NUM_THREADS=1 DVC_NO_ANALYTICS=1; exec " + launch],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env={**os.environ, **local_slurm})
     log = out.read_text() if out.exists() else ""
     assert res.returncode == 0, res.stderr + log[-3000:]
     job_id = res.stdout.strip().split(";")[0]

@@ -340,28 +340,6 @@ def test_dvc_repro_noop_and_param_rerun(tmp_path):
     assert os.stat(repo / "data/runs/digits/vae/model.pt").st_nlink >= 2
 
 
-def _slurm_available() -> str | None:
-    if os.geteuid() != 0:
-        return "the local Slurm needs root"
-    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
-        return "neither Slurm nor apt-get is available"
-    return None
-
-
-@pytest.fixture
-def local_slurm(tmp_path_factory):
-    reason = _slurm_available()
-    if reason:
-        pytest.skip(reason)
-    base = tmp_path_factory.mktemp("slurm")
-    env = {"SLURM_BASE": str(base)}
-    _run(["bash", str(ROOT / ".ci/slurm/start_local_slurm.sh")], env=env, timeout=300)
-    try:
-        yield {"SLURM_CONF": str(base / "etc/slurm.conf"), **env}
-    finally:
-        _run(["bash", str(ROOT / ".ci/slurm/stop_local_slurm.sh"), "--purge"], env=env, check=False)
-
-
 @pytest.mark.slow
 @needs_pipeline
 def test_slurm_profile_scancel_and_resume(tmp_path, local_slurm):
