@@ -259,6 +259,8 @@ class TrainLSGMConfig:
     train_ode_eps: float = _f(lo=0, lo_open=True, hi=1)
     train_ode_tol: float = _f(lo=0, lo_open=True)
     compat: Literal["exact", "official"] = "exact"
+    single_pass_joint: bool = _f(True, doc="one B-sized SGM pass for reweight_p_samples with different p/q "
+                                           "objectives (same gradients; with dropout, p and q share one mask)")
     seed: int = _f(lo=0)
 
 

@@ -293,6 +293,10 @@ class JointLoss(NamedTuple):
     ``torch.autograd.grad(p_loss, sgm_params)``, or ``backward(inputs=...)``), never after the VAE
     parameters were updated in place (spec §11 item 13). ``LSGMObjective(..., concat_forward=False)``
     gives two independent graphs instead (same FLOPs, two SGM calls).
+
+    With ``joint(..., single_pass=True)`` (``reweight_p_samples`` only) ``p_obj`` and ``ce_elem`` come from ONE
+    SGM evaluation of size B on the attached ``z_t``: ``p_obj`` then *does* depend on the encoder, so the caller
+    must restrict each backward (``q`` into the VAE parameters only, ``p`` into the SGM parameters only).
     """
 
     p_obj: Tensor
@@ -345,7 +349,8 @@ class LSGMObjective:
         rho = _draw("rand", (batch,), like, generator)
         return sample_t(self.sde, mode, rho, self.time_eps, self.compat)
 
-    def joint(self, eps_fn: EpsFn, z0: Tensor, generator: torch.Generator | None = None) -> JointLoss:
+    def joint(self, eps_fn: EpsFn, z0: Tensor, generator: torch.Generator | None = None, *,
+              single_pass: bool = False) -> JointLoss:
         """Joint-training losses (spec §4.5 joint, with the §11 item 13 clean detach).
 
         One ε for p and q. If q has its own mode, p's and q's t batches are concatenated and the SGM
@@ -354,11 +359,28 @@ class LSGMObjective:
         evaluated once (identical inputs; only the gradient routes differ). With the same objective
         one evaluation of size B serves both. See :class:`JointLoss` for how to back-propagate.
 
+        ``single_pass=True`` (fast path, ``reweight_p_samples`` only): the 2B batch's two halves have identical
+        values, so one SGM call of size B on the attached ``z_t`` gives both losses. The gradients are exactly
+        those of the 2B path **provided the caller back-propagates the q loss into the VAE parameters only and
+        the p loss into the SGM parameters only** (``backward(inputs=...)``): ∂p_obj/∂θ_SGM does not depend on
+        whether ``z_t`` is detached, and ∂ce/∂θ_VAE is the q half's. Besides halving the SGM's forward and
+        backward, the p backward no longer traverses the encoder. With dropout in the SGM, p and q share one
+        dropout mask instead of two independent ones (each term's gradient has the same distribution; the
+        global RNG advances differently), so a run is not bit-identical to one with the 2B path.
+
         Args:
             eps_fn: mixed ε-prediction ``eps_fn(z_t (B,C,H,W), t (B,)) -> (B,C,H,W)``.
             z0: encoder latents ``(B, C, H, W)`` (carrying the encoder's graph).
             generator: source of ρ and ε (None: torch's global RNG).
+            single_pass: one B-sized SGM evaluation for ``reweight_p_samples`` with different objectives
+                (ignored when p and q share the objective, which is always one pass).
+
+        Raises:
+            ValueError: ``single_pass=True`` with ``iw_sample_q`` other than ``reweight_p_samples``.
         """
+        if single_pass and self.iw_sample_q != "reweight_p_samples":
+            raise ValueError(f"single_pass=True needs iw_sample_q='reweight_p_samples' (p and q share t and eps), "
+                             f"got iw_sample_q={self.iw_sample_q!r}")
         b = z0.shape[0]
         eps = _draw("randn", tuple(z0.shape), z0, generator)
         ts_p = self.sample_t(self.iw_sample_p, b, z0, generator)
@@ -367,6 +389,10 @@ class LSGMObjective:
             p_obj = sgm_objective(eps_pred, eps, ts_p.weight_p)
             ce = cross_entropy_elem(eps_pred, eps, ts_p.weight_ll, self.ce_const)
             return JointLoss(p_obj, ce, True)
+        if single_pass:
+            eps_pred = eps_fn(diffuse(z0, eps, ts_p), ts_p.t)
+            p_obj = sgm_objective(eps_pred, eps, ts_p.weight_p)
+            return JointLoss(p_obj, cross_entropy_elem(eps_pred, eps, ts_p.weight_ll, self.ce_const), False)
         ts_q = ts_p if self.iw_sample_q == "reweight_p_samples" else self.sample_t(self.iw_sample_q, b, z0, generator)
         z_t_p, z_t_q = diffuse(z0.detach(), eps, ts_p), diffuse(z0, eps, ts_q)
         if self.concat_forward:

@@ -251,6 +251,7 @@ class TrainLoop:
         self._stop_signal: Optional[int] = None
         self._last_ckpt_time = time.monotonic()
         self.live = None
+        self.step_seconds: list[float] = []  # wall time of each successful step_fn call (benchmarks)
 
     # ---- state
     def state_dict(self) -> dict:
@@ -290,8 +291,13 @@ class TrainLoop:
         self.ctx.barrier()
 
     def resume_or_start(self) -> bool:
-        """Load the newest valid checkpoint of this config; True if resumed. Stale runs are moved aside."""
+        """Load the newest valid checkpoint of this config; True if resumed. Stale runs are moved aside.
+
+        Every rank reads the directory between two barriers, so all ranks take the same decision (rank 0's step-0
+        checkpoint of a fresh start must not be seen by a slower rank as something to resume from)."""
+        self.ctx.barrier()
         found = self.ckpt.load_latest(map_location=self.ctx.device)
+        self.ctx.barrier()
         if found is not None and found[1].get("config_hash") != self.config_hash:
             if self.ctx.is_main:
                 stale = self.ckpt.directory.with_name(f"checkpoints-stale-{found[1].get('config_hash')}")
@@ -422,6 +428,7 @@ class TrainLoop:
         t0 = time.monotonic()
         while self.step < end:
             lrs = self.set_learning_rates()
+            t_step = time.perf_counter()
             try:
                 metrics = step_fn(self.step)
             except NonFiniteError as exc:
@@ -430,6 +437,7 @@ class TrainLoop:
                 bar.refresh()
                 continue
             self.scaler.update()
+            self.step_seconds.append(time.perf_counter() - t_step)
             self.step += 1
             bar.update(1)
             metrics.update({f"lr_{k}": v for k, v in lrs.items()})
@@ -538,7 +546,8 @@ def train_vae(cfg: ExperimentConfig, run_root: Path = Path("data/runs"), data_ro
         vae = vae.to(memory_format=torch.channels_last)
     reg = SpectralRegularizer(vae, generator=torch.Generator().manual_seed(tc.seed)).to(ctx.device)
     params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.Adamax(params, lr=tc.learning_rate, eps=tc.adamax_eps, weight_decay=tc.weight_decay)
+    opt = torch.optim.Adamax(params, lr=tc.learning_rate, eps=tc.adamax_eps, weight_decay=tc.weight_decay,
+                             foreach=True)  # multi-tensor kernels also on CPU (same result, fewer ops)
     lr_fn = lambda s: lr_at(s, base=tc.learning_rate, minimum=tc.learning_rate_min,  # noqa: E731
                             warmup_epochs=tc.warmup_epochs, epochs=tc.epochs, iters_per_epoch=plan.iters_per_epoch)
     loop = TrainLoop(cfg=cfg, stage="vae", run_dir=run_dir, ctx=ctx, modules={"vae": vae}, optimizers={"vae": opt},
@@ -602,7 +611,18 @@ def _summary(cfg: ExperimentConfig, stage: str, loop: TrainLoop, plan: BatchPlan
         "accumulation": plan.accumulation, "nan_failures": loop.nan_failures, "lr_factor": loop.lr_factor,
         "precision": cfg.engine.precision, "device": ctx.device.type,
         "final": {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)},
+        "step_seconds": step_time_stats(loop.step_seconds),
     }
+
+
+def step_time_stats(seconds: list[float], warmup: int = 3) -> Optional[dict[str, float]]:
+    """Median/min/max wall time of the steps of this run after the first ``warmup`` (None if there are none)."""
+    timed = sorted(seconds[warmup:])
+    if not timed:
+        return None
+    n = len(timed)
+    median = timed[n // 2] if n % 2 else 0.5 * (timed[n // 2 - 1] + timed[n // 2])
+    return {"median": median, "min": timed[0], "max": timed[-1], "steps": n, "warmup_steps": warmup}
 
 
 def _inactive_channels(vae: nn.Module, split: PreparedSplit, cfg: ExperimentConfig, stage_cfg, ctx: DistContext,
@@ -677,13 +697,13 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
     prior_params = [p for p in prior.parameters() if p.requires_grad]
     optimizers: dict[str, torch.optim.Optimizer] = {
         "prior": torch.optim.Adam(prior_params, lr=tc.learning_rate_score, eps=tc.score_adam_eps,
-                                  weight_decay=tc.weight_decay)}
+                                  weight_decay=tc.weight_decay, foreach=True)}
     lr_fns = {"prior": lambda s: lr_at(s, base=tc.learning_rate_score, minimum=tc.learning_rate_score_min,
                                        warmup_epochs=tc.warmup_epochs, epochs=tc.epochs,
                                        iters_per_epoch=plan.iters_per_epoch)}
     if sc.train_vae:
         optimizers["vae"] = torch.optim.Adam(vae_params, lr=tc.learning_rate_vae, eps=tc.vae_adam_eps,
-                                             weight_decay=tc.weight_decay)
+                                             weight_decay=tc.weight_decay, foreach=True)
         lr_fns["vae"] = lambda s: lr_at(s, base=tc.learning_rate_vae, minimum=tc.learning_rate_vae_min,
                                         warmup_epochs=tc.warmup_epochs, epochs=tc.epochs,
                                         iters_per_epoch=plan.iters_per_epoch)
@@ -698,6 +718,8 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
         reg_prior = extra["spectral_prior"] = SpectralRegularizer(
             prior, include_plain_conv2d=tc.spectral_reg_score_convs, generator=gen_init).to(ctx.device)
     ema = EMA(tc.ema_decay)
+    # fast path (issue 7): one B-sized SGM pass for reweight_p_samples; exact given the restricted backward below
+    single_pass = tc.iw_sample_q == "reweight_p_samples" and tc.single_pass_joint
     modules = {"vae": vae, "prior": prior}
     loop = TrainLoop(cfg=cfg, stage=stage, run_dir=run_dir, ctx=ctx, modules=modules, optimizers=optimizers,
                      lr_fns=lr_fns, total_steps=total, ema=ema, extra_state=extra, seed=tc.seed,
@@ -740,7 +762,7 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
                             loop.nan_failures)
                 with loop.autocast():
                     out, recon, log_q_top, kl_rest = vae_terms(x)
-                    jl = objective.joint(prior, out.z0_top, loop.generators["noise"])
+                    jl = objective.joint(prior, out.z0_top, loop.generators["noise"], single_pass=single_pass)
                 ce = jl.ce_elem.float().flatten(1).sum(1)
                 nelbo_q = recon + beta * (log_q_top + ce + kl_rest)
                 q_loss = nelbo_q.mean() / acc

@@ -1,0 +1,154 @@
+"""Fast paths of issue 7 that claim to be exact: same losses and gradients with and without them.
+
+* ``LSGMObjective.joint(..., single_pass=True)``: one B-sized SGM evaluation on the attached ``z_t`` instead of the
+  2B concatenated batch ``[z_t(z0.detach()), z_t(z0)]``, with the q loss back-propagated into the VAE parameters
+  only and the p loss into the SGM parameters only (as ``lsgm.train.train_lsgm`` does).
+* ``foreach=True`` for the Adam/Adamax optimisers of ``lsgm.train``.
+* The engine's per-step timing hook (``TrainLoop.step_seconds`` → ``metrics.json`` ``step_seconds``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lsgm.objectives import LSGMObjective
+from lsgm.sde import VPSDE
+from lsgm.train import step_time_stats
+
+torch.set_num_threads(1)
+
+
+class TinyEncoder(nn.Module):
+    """x (B,1,8,8) -> z0 (B,2,4,4): a stand-in for the VAE's encoder path to z0 (float64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, stride=2, padding=1, dtype=torch.float64)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x))
+
+
+class TinyEps(nn.Module):
+    """eps_fn(z_t, t): per-sample conv net with a time embedding; no batch interaction, no dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 6, 3, padding=1, dtype=torch.float64)
+        self.emb = nn.Linear(1, 6, dtype=torch.float64)
+        self.c2 = nn.Conv2d(6, 2, 3, padding=1, dtype=torch.float64)
+
+    def forward(self, z, t):
+        h = torch.nn.functional.silu(self.c1(z) + self.emb(t[:, None].to(z.dtype))[:, :, None, None])
+        return self.c2(h)
+
+
+def _grads_of_joint_step(objective: LSGMObjective, single_pass: bool, seed: int = 3):
+    """Losses and gradients of one joint step, routed as lsgm.train does (q -> VAE params, p -> SGM params)."""
+    torch.manual_seed(0)
+    enc, eps_net = TinyEncoder(), TinyEps()
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(seed)
+    z0 = enc(x)
+    jl = objective.joint(eps_net, z0, gen, single_pass=single_pass)
+    recon = z0.flatten(1).square().sum(1)  # a VAE-side term through z0
+    q_loss = (recon + 0.7 * jl.ce_elem.flatten(1).sum(1)).mean()
+    p_loss = jl.p_obj.mean()
+    vae_params, prior_params = list(enc.parameters()), list(eps_net.parameters())
+    if jl.same_objective:
+        q_loss.backward()
+    else:
+        q_loss.backward(inputs=vae_params, retain_graph=True)
+        p_loss.backward(inputs=prior_params)
+    return (jl.p_obj.detach(), jl.ce_elem.detach(), [p.grad.clone() for p in vae_params],
+            [p.grad.clone() for p in prior_params])
+
+
+@pytest.mark.parametrize("iw_sample_p", ["drop_all_iw", "drop_all_uniform", "rescale_iw", "drop_sigma2t_iw"])
+@pytest.mark.parametrize("concat_forward", [True, False])
+def test_single_pass_joint_gives_the_2b_paths_losses_and_gradients(iw_sample_p, concat_forward):
+    obj = LSGMObjective(VPSDE(0.1, 20.0), iw_sample_p, "reweight_p_samples", time_eps=1e-2,
+                        concat_forward=concat_forward)
+    assert not obj.same_objective
+    p2, ce2, gv2, gp2 = _grads_of_joint_step(obj, single_pass=False)
+    p1, ce1, gv1, gp1 = _grads_of_joint_step(obj, single_pass=True)
+    torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ce1, ce2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(gv1 + gp1, gv2 + gp2):
+        assert a.abs().max() > 0  # both routes really carry gradient
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_single_pass_without_restricted_backward_would_differ():
+    """The exactness needs the caller's ``inputs=`` routing: an unrestricted p backward reaches the encoder."""
+    obj = LSGMObjective(VPSDE(0.1, 20.0), "drop_all_iw", "reweight_p_samples", time_eps=1e-2)
+    torch.manual_seed(0)
+    enc, eps_net = TinyEncoder(), TinyEps()
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    for single_pass, expect_zero in ((False, True), (True, False)):
+        enc.zero_grad(set_to_none=True)
+        jl = obj.joint(eps_net, enc(x), torch.Generator().manual_seed(0), single_pass=single_pass)
+        jl.p_obj.mean().backward()
+        encoder_grad = enc.conv.weight.grad
+        assert (encoder_grad is None or encoder_grad.abs().max() == 0) == expect_zero
+
+
+def test_single_pass_is_one_sgm_call_of_size_b():
+    obj = LSGMObjective(VPSDE(0.1, 20.0), "drop_all_iw", "reweight_p_samples", time_eps=1e-2)
+    sizes = []
+    net = TinyEps()
+
+    def counting(z, t):
+        sizes.append(z.shape[0])
+        return net(z, t)
+
+    z0 = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    obj.joint(counting, z0, torch.Generator().manual_seed(0), single_pass=False)
+    obj.joint(counting, z0, torch.Generator().manual_seed(0), single_pass=True)
+    assert sizes == [6, 3]
+
+
+def test_single_pass_with_the_same_objective_is_unchanged():
+    obj = LSGMObjective(VPSDE(0.1, 20.0), "ll_iw", "reweight_p_samples", time_eps=1e-2)
+    assert obj.same_objective
+    a = _grads_of_joint_step(obj, single_pass=False)
+    b = _grads_of_joint_step(obj, single_pass=True)
+    for x, y in zip([a[0], a[1], *a[2], *a[3]], [b[0], b[1], *b[2], *b[3]]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("iw_sample_q", ["ll_uniform", "ll_iw"])
+def test_single_pass_needs_reweight_p_samples(iw_sample_q):
+    obj = LSGMObjective(VPSDE(0.1, 20.0), "drop_all_iw", iw_sample_q, time_eps=1e-2)
+    with pytest.raises(ValueError, match="single_pass=True needs iw_sample_q='reweight_p_samples'"):
+        obj.joint(TinyEps(), torch.randn(2, 2, 4, 4, dtype=torch.float64), single_pass=True)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(torch.optim.Adam, {"eps": 1e-4, "weight_decay": 3e-4}),
+                                         (torch.optim.Adamax, {"eps": 1e-3, "weight_decay": 3e-4})])
+def test_foreach_optimizer_matches_the_per_parameter_loop(cls, kwargs):
+    torch.manual_seed(0)
+    shapes = [(8, 4, 3, 3), (8,), (16, 8), (3,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    finals = []
+    for foreach in (False, True):
+        params = [nn.Parameter(p.clone()) for p in init]
+        opt = cls(params, lr=1e-2, foreach=foreach, **kwargs)
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+        finals.append([p.detach() for p in params])
+    for a, b, start in zip(*finals, init):
+        assert not torch.equal(a, start)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_step_time_stats_skip_warmup_and_summarise():
+    assert step_time_stats([9.0, 9.0, 9.0]) is None
+    st = step_time_stats([100.0, 50.0, 20.0, 3.0, 1.0, 2.0, 4.0])
+    assert st == {"median": 2.5, "min": 1.0, "max": 4.0, "steps": 4, "warmup_steps": 3}
+    assert step_time_stats([5.0, 1.0, 3.0, 2.0], warmup=1)["median"] == 2.0
