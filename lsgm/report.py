@@ -333,6 +333,7 @@ def _claims_md(run_root: Path, experiments: Sequence[str]) -> str:
             lines += [f"ODE for the prior term: eps {lsgm.get('ode_eps')}, tol {lsgm.get('tol')}, "
                       f"{lsgm.get('trace')} trace ({lsgm.get('probe')} probes x{lsgm.get('num_probes')}, "
                       f"{lsgm.get('probe_mode')}), NFE {lsgm.get('nfe_mean', float('nan')):.1f} per batch.", ""]
+        lines += _stage_times_md(exp)
         if sample:
             lines += [f"Latent ODE sampling NFE: **{sample['nfe_mean']:.1f} ± {sample['nfe_std']:.1f}** per batch "
                       f"of {sample.get('batch_size')} ({sample.get('num_batches')} batches, "
@@ -344,6 +345,24 @@ def _claims_md(run_root: Path, experiments: Sequence[str]) -> str:
     if not shown:
         lines += ["No experiment has both NLL evaluations yet.", ""]
     return "\n".join(lines)
+
+
+def _stage_times_md(exp: str, bench_root: Path = Path("benchmarks/out")) -> list[str]:
+    """Wall time and peak RSS per pipeline stage from Snakemake's ``benchmark:`` files (if the DAG ran)."""
+    rows = []
+    for tsv in sorted((bench_root / exp).rglob("*.tsv")):
+        try:
+            header, values = tsv.read_text().splitlines()[:2]
+        except ValueError:
+            continue
+        rec = dict(zip(header.split("\t"), values.split("\t")))
+        stage = "/".join(tsv.relative_to(bench_root / exp).with_suffix("").parts)
+        rows.append((stage, f"{float(rec.get('s', 'nan')):.1f}", f"{float(rec.get('max_rss', 'nan')):.0f}"))
+    if not rows:
+        return []
+    total = sum(float(r[1]) for r in rows)
+    return ["Wall time per stage (Snakemake benchmark files; stages may overlap when run in parallel):", "",
+            _md_table(("stage", "seconds", "peak RSS (MB)"), rows + [("total (sum)", f"{total:.1f}", "")]), ""]
 
 
 # --------------------------------------------------------------------------------------------- figures
