@@ -15,7 +15,6 @@ import difflib
 import hashlib
 import json
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from lsgm.atomic import atomic_write_text
 
 __all__ = [
     "ConfigError",
@@ -677,23 +678,6 @@ def config_hash(section: Any) -> str:
     """Short stable hash of a config (section), for provenance columns."""
     blob = json.dumps(config_to_dict(section), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + fsync + rename (readers never see a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_resolved_config(cfg: ExperimentConfig, out_dir: str | os.PathLike) -> Path:

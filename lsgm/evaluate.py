@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lsgm.config import ExperimentConfig, atomic_write_text, config_hash, write_resolved_config
+from lsgm.atomic import atomic_path, atomic_write_text
+from lsgm.config import ExperimentConfig, config_hash, write_resolved_config
 
 __all__ = [
     "NLL_MODELS",
@@ -140,19 +141,14 @@ def save_image_grid(images: np.ndarray | torch.Tensor, path: str | os.PathLike, 
         y, x = pad + r * (h + pad), pad + col * (w + pad)
         grid[y:y + h, x:x + w] = img.transpose(1, 2, 0)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
     return path
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- sampling

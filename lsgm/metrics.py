@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import Dataset
 
 from lsgm.checkpoint import atomic_torch_save, sha256_file
-from lsgm.config import ExperimentConfig, atomic_write_text, config_hash
+from lsgm.atomic import atomic_write_text
+from lsgm.config import ExperimentConfig, config_hash
 
 __all__ = [
     "FEATURE_EXTRACTOR",

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from lsgm.config import atomic_write_text
+from lsgm.atomic import atomic_write_text
 from lsgm.paper_results import METRIC_UNITS, PAPER_RESULTS, PaperResult
 
 __all__ = ["CSV_COLUMNS", "ReportRow", "collect_metrics", "report_rows", "write_report"]
