@@ -508,7 +508,8 @@ def _to_model_input(split: PreparedSplit, idx: torch.Tensor, cfg: ExperimentConf
                     device: torch.device) -> torch.Tensor:
     x = preprocess(split.batch(idx), max_value=split.max_value, binarize=cfg.data.binarize,
                    num_x_bits=cfg.data.num_x_bits, flip=cfg.data.flip, generator=gen)
-    return (2.0 * x - 1.0).to(device, non_blocking=True)
+    x = (2.0 * x - 1.0).to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if cfg.engine.channels_last else x
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -691,6 +692,10 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
     if sc.load_prior:
         prior.load_state_dict(init["prior_ema"] or init["prior"])
     prior = prior.to(ctx.device)
+    eps_fn: Callable = prior
+    if cfg.engine.channels_last:  # NHWC kernels for the VAE only (measured: they slow NCSN++ down on CPU)
+        vae = vae.to(memory_format=torch.channels_last)
+        eps_fn = lambda z, t: prior(z.contiguous(), t)  # noqa: E731
     sde = prior.sde
     objective = LSGMObjective(sde, tc.iw_sample_p, tc.iw_sample_q, sc.sde.time_eps, compat=tc.compat)
     vae_params = [p for p in vae.parameters() if p.requires_grad]
@@ -762,7 +767,7 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
                             loop.nan_failures)
                 with loop.autocast():
                     out, recon, log_q_top, kl_rest = vae_terms(x)
-                    jl = objective.joint(prior, out.z0_top, loop.generators["noise"], single_pass=single_pass)
+                    jl = objective.joint(eps_fn, out.z0_top, loop.generators["noise"], single_pass=single_pass)
                 ce = jl.ce_elem.float().flatten(1).sum(1)
                 nelbo_q = recon + beta * (log_q_top + ce + kl_rest)
                 q_loss = nelbo_q.mean() / acc
@@ -793,7 +798,7 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
                                     loop.nan_failures)
                         with loop.autocast():
                             out, recon, log_q_top, kl_rest = vae_terms(x)
-                            ce = objective.q_only(prior, out.z0_top, loop.generators["noise"]).float().flatten(1).sum(1)
+                            ce = objective.q_only(eps_fn, out.z0_top, loop.generators["noise"]).float().flatten(1).sum(1)
                         nelbo_q = recon + beta * (log_q_top + ce + kl_rest)
                         q_loss = nelbo_q.mean() / acc
                         loop.backward(q_loss, inputs=vae_params)
@@ -816,7 +821,7 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
             for (gidx, _), z0 in zip(micro, latents):  # ---- SGM step from detached latents (spec §4.5 disjoint 3)
                 loop.seed_micro_batch(step, gidx, phase=1)
                 with loop.autocast():
-                    p_loss = objective.p_only(prior, z0.float(), loop.generators["noise"]).float().mean() / acc
+                    p_loss = objective.p_only(eps_fn, z0.float(), loop.generators["noise"]).float().mean() / acc
                 loop.backward(p_loss, inputs=prior_params)
                 m["p_loss"] += float(p_loss.detach())
             _add_reg(loop, reg_terms("prior"), prior_params, m, "reg_prior")

@@ -273,3 +273,19 @@ def test_ddp_two_gloo_processes_equal_one_process_on_the_same_global_batch(tmp_p
         assert torch.allclose(single[k].double(), ddp[k].double(), rtol=1e-5, atol=1e-6), k
     meta = json.loads((tmp_path / "ddp" / "ddp" / "vae" / "metrics.json").read_text())
     assert meta["processes"] == 2 and meta["accumulation"] == 1 and meta["global_batch"] == 32
+
+
+def test_channels_last_fast_path_matches_up_to_rounding(tmp_path, prepared):
+    """engine.channels_last (NHWC kernels for the VAE) changes only float rounding, in both stages."""
+    states = {}
+    for flag in (False, True):
+        p = tiny_config(tmp_path, name=f"cl{int(flag)}", vae_epochs=1,
+                        extra="iw_sample_p: drop_all_iw, iw_sample_q: reweight_p_samples")
+        p.write_text(p.read_text().replace("engine: {", f"engine: {{channels_last: {str(flag).lower()}, "))
+        cfg = load_config(p, name="cl")
+        runs = tmp_path / f"runs{int(flag)}"
+        train_vae(cfg, run_root=runs, data_root=prepared, max_steps=2)
+        states[flag] = model_state(train_lsgm(cfg, "lsgm", run_root=runs, data_root=prepared, max_steps=2))
+    for k, v in states[False].items():
+        if v.is_floating_point():
+            assert torch.allclose(v, states[True][k], rtol=1e-4, atol=1e-5), k
