@@ -218,12 +218,26 @@ def compute_fid_statistics(images: torch.Tensor, *, weights_path: Optional[str |
         return load_fid_statistics(_stat_cache_file(Path(tmp), "stats", feature_extractor))
 
 
+def _numpy_safe_globals() -> list:
+    """The numpy reconstruction helpers a weights-only unpickler must allow to read numpy arrays."""
+    core = getattr(np, "_core", None) or np.core
+    names = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        names += [dtypes.Float32DType, dtypes.Float64DType]
+    return names
+
+
+_NUMPY_SAFE_GLOBALS = _numpy_safe_globals()
+
+
 def load_fid_statistics(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a torch-fidelity statistics file ``{'mu': (F,), 'sigma': (F, F)}`` and check its shapes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no FID reference statistics; run `lsgm fid-stats EXP --out {path}`")
-    stats = torch.load(path, map_location="cpu", weights_only=False)  # numpy arrays: torch-fidelity's format
+    with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):  # torch-fidelity stores numpy arrays
+        stats = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(stats, dict) or set(stats) != {"mu", "sigma"}:
         raise ValueError(f"{path}: not a torch-fidelity statistics file (expected keys 'mu', 'sigma')")
     mu, sigma = np.asarray(stats["mu"]), np.asarray(stats["sigma"])
