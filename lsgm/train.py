@@ -522,6 +522,24 @@ def _groups_per_scale(vae: nn.Module) -> list[int]:
     return list(vae.groups_per_scale)
 
 
+def _start_stage(cfg: ExperimentConfig, stage: str, tc: Any, run_root: Path, data_root: Path, where: str,
+                 detail: str) -> tuple[DistContext, Path, PreparedSplit, BatchPlan, int]:
+    """Common start of a training stage: logging, processes, run directory + resolved config, data, batch plan."""
+    _setup_logging()
+    ctx = setup_distributed(cfg.engine)
+    run_dir = Path(run_root) / cfg.name / stage
+    if ctx.is_main:
+        write_resolved_config(cfg, run_dir)
+    split = _load_train_split(cfg, Path(data_root))
+    plan = BatchPlan.make(batch_size=tc.batch_size, global_batch_size=tc.global_batch_size,
+                          world_size=ctx.world_size, num_items=len(split), where=f"{cfg.name}: {where}")
+    total = plan.iters_per_epoch * tc.epochs
+    log.info("%s/%s%s: %d images, global batch %d = %d per process x %d processes x %d accumulation; %d steps",
+             cfg.name, stage, detail, len(split), plan.global_batch, plan.micro_batch, ctx.world_size,
+             plan.accumulation, total)
+    return ctx, run_dir, split, plan, total
+
+
 def train_vae(cfg: ExperimentConfig, run_root: Path = Path("data/runs"), data_root: Path = Path("data/prepared"),
               max_steps: Optional[int] = None) -> Path:
     """Stage 1: the VAE with a standard-Normal prior (spec §1.8). Returns the path of ``model.pt``.
@@ -529,18 +547,8 @@ def train_vae(cfg: ExperimentConfig, run_root: Path = Path("data/runs"), data_ro
     Loss per image: ``recon + β_KL Σ_l κ_l KL_l`` (KL balancing while β_KL < 1), plus
     ``λ (Σ σ_max(W) + Σ max|γ|)``; Adamax, linear warm-up then cosine decay; resumes automatically.
     """
-    _setup_logging()
-    ctx = setup_distributed(cfg.engine)
     tc = cfg.train_vae
-    run_dir = Path(run_root) / cfg.name / "vae"
-    if ctx.is_main:
-        write_resolved_config(cfg, run_dir)
-    split = _load_train_split(cfg, Path(data_root))
-    plan = BatchPlan.make(batch_size=tc.batch_size, global_batch_size=tc.global_batch_size,
-                          world_size=ctx.world_size, num_items=len(split), where=f"{cfg.name}: train_vae")
-    total = plan.iters_per_epoch * tc.epochs
-    log.info("%s/vae: %d images, global batch %d = %d per process x %d processes x %d accumulation; %d steps",
-             cfg.name, len(split), plan.global_batch, plan.micro_batch, ctx.world_size, plan.accumulation, total)
+    ctx, run_dir, split, plan, total = _start_stage(cfg, "vae", tc, run_root, data_root, "train_vae", "")
     torch.manual_seed(tc.seed)
     vae = prepare_batchnorm(build_vae(cfg), ctx).to(ctx.device)
     if cfg.engine.channels_last:
@@ -664,24 +672,14 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
     """
     from lsgm.objectives import LSGMObjective
 
-    _setup_logging()
     if stage not in cfg.prior:
         raise ValueError(f"{cfg.name}: unknown prior stage {stage!r}; allowed: {list(cfg.prior)}")
     sc = cfg.prior[stage]
     tc = sc.train
-    ctx = setup_distributed(cfg.engine)
-    run_dir = Path(run_root) / cfg.name / stage
-    init_path = Path(run_root) / cfg.name / sc.init_from / "model.pt"
-    if ctx.is_main:
-        write_resolved_config(cfg, run_dir)
-    split = _load_train_split(cfg, Path(data_root))
-    plan = BatchPlan.make(batch_size=tc.batch_size, global_batch_size=tc.global_batch_size,
-                          world_size=ctx.world_size, num_items=len(split), where=f"{cfg.name}: prior.{stage}.train")
-    total = plan.iters_per_epoch * tc.epochs
     mode = "disjoint" if tc.disjoint else ("joint" if sc.train_vae else "frozen VAE")
-    log.info("%s/%s (%s, p=%s, q=%s): global batch %d = %d x %d processes x %d accumulation; %d steps",
-             cfg.name, stage, mode, tc.iw_sample_p, tc.iw_sample_q, plan.global_batch, plan.micro_batch,
-             ctx.world_size, plan.accumulation, total)
+    ctx, run_dir, split, plan, total = _start_stage(cfg, stage, tc, run_root, data_root, f"prior.{stage}.train",
+                                                    f" ({mode}, p={tc.iw_sample_p}, q={tc.iw_sample_q})")
+    init_path = Path(run_root) / cfg.name / sc.init_from / "model.pt"
 
     torch.manual_seed(tc.seed)
     init = read_model_file(init_path)
