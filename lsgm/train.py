@@ -754,6 +754,8 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
     def step_fn(step: int) -> dict[str, float]:
         beta = beta_at(step)
         m = {"loss": 0.0, "p_loss": 0.0, "nelbo_nats": 0.0, "recon_nats": 0.0, "cross_entropy_nats": 0.0}
+        if not sc.train_vae:  # frozen VAE: only the SGM objective is computed (no NELBO to report)
+            m = {"p_loss": 0.0}
         micro = plan.micro_batches(order, step, ctx.rank)
         acc = plan.accumulation
         prior.train()
