@@ -512,6 +512,14 @@ def _to_model_input(split: PreparedSplit, idx: torch.Tensor, cfg: ExperimentConf
     return x.contiguous(memory_format=torch.channels_last) if cfg.engine.channels_last else x
 
 
+def _micro_batch_input(loop: TrainLoop, split: PreparedSplit, idx: torch.Tensor, cfg: ExperimentConfig,
+                       step: int, gidx: int) -> torch.Tensor:
+    """Seed the micro-batch's RNGs, then load, preprocess and move its images (with the NaN test hook)."""
+    loop.seed_micro_batch(step, gidx)
+    x = _to_model_input(split, idx, cfg, loop.generators["data"], loop.ctx.device)
+    return _poison(x, step, loop.nan_failures)
+
+
 def _write_json(path: Path, obj: dict) -> None:
     import json
 
@@ -571,8 +579,7 @@ def train_vae(cfg: ExperimentConfig, run_root: Path = Path("data/runs"), data_ro
         sums = {"recon_nats": 0.0, "kl_nats": 0.0, "nelbo_nats": 0.0, "loss": 0.0}
         kl_groups = torch.zeros(sum(gps))
         for gidx, idx in plan.micro_batches(order, step, ctx.rank):
-            loop.seed_micro_batch(step, gidx)
-            x = _poison(_to_model_input(split, idx, cfg, loop.generators["data"], ctx.device), step, loop.nan_failures)
+            x = _micro_batch_input(loop, split, idx, cfg, step, gidx)
             with loop.autocast():
                 out = vae(x, generator=loop.generators["noise"])
                 recon = -vae.decoder_log_prob(out.decoder_params.float(), x)
@@ -762,9 +769,7 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
         if sc.train_vae and not tc.disjoint:  # ---- joint (spec §4.5 joint)
             vae.train()
             for gidx, idx in micro:
-                loop.seed_micro_batch(step, gidx)
-                x = _poison(_to_model_input(split, idx, cfg, loop.generators["data"], ctx.device), step,
-                            loop.nan_failures)
+                x = _micro_batch_input(loop, split, idx, cfg, step, gidx)
                 with loop.autocast():
                     out, recon, log_q_top, kl_rest = vae_terms(x)
                     jl = objective.joint(eps_fn, out.z0_top, loop.generators["noise"], single_pass=single_pass)
@@ -793,9 +798,7 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
                 swap = ema.swapped(prior) if tc.update_q_ema else nullcontext()
                 with swap:
                     for gidx, idx in micro:
-                        loop.seed_micro_batch(step, gidx)
-                        x = _poison(_to_model_input(split, idx, cfg, loop.generators["data"], ctx.device), step,
-                                    loop.nan_failures)
+                        x = _micro_batch_input(loop, split, idx, cfg, step, gidx)
                         with loop.autocast():
                             out, recon, log_q_top, kl_rest = vae_terms(x)
                             ce = objective.q_only(eps_fn, out.z0_top, loop.generators["noise"]).float().flatten(1).sum(1)
@@ -813,9 +816,7 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
                 vae.eval()
                 with torch.no_grad():
                     for gidx, idx in micro:
-                        loop.seed_micro_batch(step, gidx)
-                        x = _poison(_to_model_input(split, idx, cfg, loop.generators["data"], ctx.device), step,
-                                    loop.nan_failures)
+                        x = _micro_batch_input(loop, split, idx, cfg, step, gidx)
                         with loop.autocast():
                             latents.append(vae(x, generator=loop.generators["noise"]).z0_top.detach())
             for (gidx, _), z0 in zip(micro, latents):  # ---- SGM step from detached latents (spec §4.5 disjoint 3)

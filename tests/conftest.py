@@ -13,6 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """A prepared `digits` dataset (the real `prepare_dataset`), shared by the training tests."""
+    from lsgm.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("prepared")
+    prepare_dataset("digits", out_dir=root)
+    return root
+
+
 @pytest.fixture
 def repo_root() -> Path:
     """The repository root (params/, workflow/, ...)."""

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from lsgm.config import ResourceConfig, load_config, load_experiment
-from lsgm.data.prepare import prepare_dataset
 from lsgm.launch import (SlurmAllocation, expand_nodelist, find_allocation, launch_command, rendezvous_port,
                          slurm_hostnames)
 from lsgm.train import BatchPlan, train_vae
@@ -51,13 +50,6 @@ def tiny_config(tmp_path: Path) -> Path:
     p = tmp_path / "mn.yaml"
     p.write_text(TINY.format(digits=REPO / "params" / "digits.yaml"))
     return p
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prepared")
-    prepare_dataset("digits", out_dir=root)
-    return root
 
 
 def free_port() -> int:

@@ -17,7 +17,6 @@ import torch
 
 from lsgm.checkpoint import CheckpointManager
 from lsgm.config import load_config
-from lsgm.data.prepare import prepare_dataset
 from lsgm.train import BatchPlan, lr_at, train_lsgm, train_vae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,13 +39,6 @@ def tiny_config(tmp_path: Path, name: str = "tiny", *, vae_epochs: int = 2, ever
     p.write_text(TINY.format(digits=REPO / "params" / "digits.yaml", vae_epochs=vae_epochs, every=every,
                              extra=extra or "seed: 0"))
     return p
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prepared")
-    prepare_dataset("digits", out_dir=root)
-    return root
 
 
 def run_cli(*args: str, env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
