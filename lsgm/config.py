@@ -262,6 +262,9 @@ class TrainLSGMConfig:
     compat: Literal["exact", "official"] = "exact"
     single_pass_joint: bool = _f(True, doc="one B-sized SGM pass for reweight_p_samples with different p/q "
                                            "objectives (same gradients; with dropout, p and q share one mask)")
+    single_backward_joint: bool = _f(True, doc="with single_pass_joint: one backward per micro-batch, q's "
+                                               "cross-entropy gradient reaching the encoder through p's graph "
+                                               "rescaled per sample (same gradients up to rounding)")
     seed: int = _f(lo=0)
 
 
@@ -340,8 +343,11 @@ class EngineConfig:
     nan_lr_factor: float = _f(0.5, lo=0, hi=1, lo_open=True)
     log_every_steps: int = _f(10, lo=1)
     num_threads: Optional[int] = _f(None, lo=1)
-    compile: bool = False
+    compile: bool = _f(False, doc="torch.compile the SGM backbone in train-lsgm (GPU; measured slower on CPU, "
+                                  "and the first step compiles for minutes)")
     channels_last: bool = False
+    fused_optimizer: bool = _f(True, doc="fused Adam kernels of stage 2 (CPU and CUDA; same update up to rounding); "
+                                         "False: multi-tensor foreach kernels")
 
 
 @dataclass(frozen=True, kw_only=True)

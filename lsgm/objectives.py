@@ -39,6 +39,7 @@ __all__ = [
     "diffuse",
     "drop_all_iw_normalizer",
     "sample_t",
+    "scale_grad",
     "sgm_objective",
 ]
 
@@ -267,6 +268,29 @@ def cross_entropy_elem(eps_pred: Tensor, eps: Tensor, weight_ll: Tensor, const: 
     return broadcast_per_sample(weight_ll, l2) * l2 + const
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the incoming gradient by a per-sample factor in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (scale,) = ctx.saved_tensors
+        return grad * broadcast_per_sample(scale.to(grad.dtype), grad), None
+
+
+def scale_grad(x: Tensor, scale: Tensor) -> Tensor:
+    """``x`` unchanged, but the gradient flowing back through it is multiplied by ``scale`` per sample.
+
+    Args:
+        x: ``(B, ...)``; scale: ``(B,)`` (no gradient flows into it).
+    """
+    return _ScaleGrad.apply(x, scale.detach())
+
+
 def _draw(kind: str, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
     # Draw on the generator's device (a CPU generator works for any model device), then move. At least
     # float32: t, σ_t² and the weights must not be computed in half precision when z0 comes out of autocast.
@@ -284,6 +308,9 @@ class JointLoss(NamedTuple):
         ce_elem: ``(B, C, H, W)`` per-element cross-entropy incl. the constant; gradients reach the encoder.
         same_objective: True if p and q optimise the same objective: then backward of the q loss alone
             trains the SGM (``p_obj`` shares its graph and is for logging only).
+        ce_grad_in_p: True (``joint(..., single_pass=True, ce_coeff=β)``): ``ce_elem`` is a detached value and
+            its gradient into the encoder rides on ``p_obj``'s graph, so ONE unrestricted backward of
+            ``q_loss + p_loss`` gives exactly the gradients of the restricted pair (see :meth:`LSGMObjective.joint`).
 
     Gradient routing when ``same_objective`` is False: p's inputs come from ``z0.detach()``, so the
     gradient of ``p_obj`` w.r.t. the encoder is exactly zero. With the default concatenated forward, however,
@@ -302,6 +329,7 @@ class JointLoss(NamedTuple):
     p_obj: Tensor
     ce_elem: Tensor
     same_objective: bool
+    ce_grad_in_p: bool = False
 
 
 class LSGMObjective:
@@ -350,7 +378,7 @@ class LSGMObjective:
         return sample_t(self.sde, mode, rho, self.time_eps, self.compat)
 
     def joint(self, eps_fn: EpsFn, z0: Tensor, generator: torch.Generator | None = None, *,
-              single_pass: bool = False) -> JointLoss:
+              single_pass: bool = False, ce_coeff: float | None = None) -> JointLoss:
         """Joint-training losses (spec §4.5 joint, with the §11 item 13 clean detach).
 
         One ε for p and q. If q has its own mode, p's and q's t batches are concatenated and the SGM
@@ -368,16 +396,30 @@ class LSGMObjective:
         dropout mask instead of two independent ones (each term's gradient has the same distribution; the
         global RNG advances differently), so a run is not bit-identical to one with the 2B path.
 
+        ``ce_coeff=β`` with ``single_pass=True`` (fast path, one backward): the caller's losses are
+        ``q_loss = mean(... + β Σ ce_elem)`` and ``p_loss = mean(p_obj)`` (same batch normalisation). Both are
+        ``w (ε_pred − ε)²`` per sample, so ∂(β Σce_i)/∂z_t,i = r_i ∂p_obj,i/∂z_t,i with ``r_i = β w_ll,i / w_p,i``
+        — *provided the SGM treats samples independently* (no BatchNorm; GroupNorm and dropout are fine). The SGM
+        therefore sees ``scale_grad(z_t, r)``: the backward of ``p_loss`` gives the SGM parameters p's gradient
+        and, scaled by r at ``z_t``, the encoder q's cross-entropy gradient. ``ce_elem`` is returned detached and
+        ``ce_grad_in_p`` is True: ONE unrestricted backward of ``q_loss + p_loss`` replaces the restricted pair and
+        the SGM backward runs once instead of twice. Falls back to the restricted-pair result (``ce_grad_in_p``
+        False) if some ``w_p`` is 0 or a ratio is not finite.
+
         Args:
             eps_fn: mixed ε-prediction ``eps_fn(z_t (B,C,H,W), t (B,)) -> (B,C,H,W)``.
             z0: encoder latents ``(B, C, H, W)`` (carrying the encoder's graph).
             generator: source of ρ and ε (None: torch's global RNG).
             single_pass: one B-sized SGM evaluation for ``reweight_p_samples`` with different objectives
                 (ignored when p and q share the objective, which is always one pass).
+            ce_coeff: β of the caller's q loss; enables the one-backward form (needs ``single_pass``).
 
         Raises:
-            ValueError: ``single_pass=True`` with ``iw_sample_q`` other than ``reweight_p_samples``.
+            ValueError: ``single_pass=True`` with ``iw_sample_q`` other than ``reweight_p_samples``, or ``ce_coeff``
+                without ``single_pass``.
         """
+        if ce_coeff is not None and not single_pass:
+            raise ValueError("ce_coeff (one-backward joint step) needs single_pass=True")
         if single_pass and self.iw_sample_q != "reweight_p_samples":
             raise ValueError(f"single_pass=True needs iw_sample_q='reweight_p_samples' (p and q share t and eps), "
                              f"got iw_sample_q={self.iw_sample_q!r}")
@@ -389,6 +431,13 @@ class LSGMObjective:
             p_obj = sgm_objective(eps_pred, eps, ts_p.weight_p)
             ce = cross_entropy_elem(eps_pred, eps, ts_p.weight_ll, self.ce_const)
             return JointLoss(p_obj, ce, True)
+        if single_pass and ce_coeff is not None:
+            ratio = float(ce_coeff) * ts_p.weight_ll / ts_p.weight_p
+            if bool(torch.isfinite(ratio).all()):
+                eps_pred = eps_fn(scale_grad(diffuse(z0, eps, ts_p), ratio), ts_p.t)
+                p_obj = sgm_objective(eps_pred, eps, ts_p.weight_p)
+                ce = cross_entropy_elem(eps_pred.detach(), eps, ts_p.weight_ll, self.ce_const)
+                return JointLoss(p_obj, ce, False, True)
         if single_pass:
             eps_pred = eps_fn(diffuse(z0, eps, ts_p), ts_p.t)
             p_obj = sgm_objective(eps_pred, eps, ts_p.weight_p)

@@ -151,6 +151,19 @@ def allreduce_grads(params: list[nn.Parameter], ctx: DistContext) -> None:
         offset += n
 
 
+def _adam(params: list[nn.Parameter], *, lr: float, eps: float, weight_decay: float, fused: bool
+          ) -> torch.optim.Adam:
+    """Adam with fused kernels where this torch has them for the parameters' device, else foreach kernels."""
+    devices = {p.device.type for p in params}
+    can_fuse = fused and devices <= {"cpu", "cuda", "mps", "xpu"} and all(p.is_floating_point() for p in params)
+    if can_fuse:
+        try:
+            return torch.optim.Adam(params, lr=lr, eps=eps, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError) as exc:  # a torch/device without fused Adam
+            log.warning("fused Adam not available (%s); using foreach kernels", exc)
+    return torch.optim.Adam(params, lr=lr, eps=eps, weight_decay=weight_decay, foreach=True)
+
+
 def grads_finite(params: list[nn.Parameter]) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -697,6 +710,8 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
     if sc.load_prior:
         prior.load_state_dict(init["prior_ema"] or init["prior"])
     prior = prior.to(ctx.device)
+    if cfg.engine.compile:  # in place: parameter names (and so checkpoints) are unchanged
+        prior.backbone.compile()
     eps_fn: Callable = prior
     if cfg.engine.channels_last:  # NHWC kernels for the VAE only (measured: they slow NCSN++ down on CPU)
         vae = vae.to(memory_format=torch.channels_last)
@@ -706,14 +721,14 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
     vae_params = [p for p in vae.parameters() if p.requires_grad]
     prior_params = [p for p in prior.parameters() if p.requires_grad]
     optimizers: dict[str, torch.optim.Optimizer] = {
-        "prior": torch.optim.Adam(prior_params, lr=tc.learning_rate_score, eps=tc.score_adam_eps,
-                                  weight_decay=tc.weight_decay, foreach=True)}
+        "prior": _adam(prior_params, lr=tc.learning_rate_score, eps=tc.score_adam_eps, weight_decay=tc.weight_decay,
+                       fused=cfg.engine.fused_optimizer)}
     lr_fns = {"prior": lambda s: lr_at(s, base=tc.learning_rate_score, minimum=tc.learning_rate_score_min,
                                        warmup_epochs=tc.warmup_epochs, epochs=tc.epochs,
                                        iters_per_epoch=plan.iters_per_epoch)}
     if sc.train_vae:
-        optimizers["vae"] = torch.optim.Adam(vae_params, lr=tc.learning_rate_vae, eps=tc.vae_adam_eps,
-                                             weight_decay=tc.weight_decay, foreach=True)
+        optimizers["vae"] = _adam(vae_params, lr=tc.learning_rate_vae, eps=tc.vae_adam_eps,
+                                  weight_decay=tc.weight_decay, fused=cfg.engine.fused_optimizer)
         lr_fns["vae"] = lambda s: lr_at(s, base=tc.learning_rate_vae, minimum=tc.learning_rate_vae_min,
                                         warmup_epochs=tc.warmup_epochs, epochs=tc.epochs,
                                         iters_per_epoch=plan.iters_per_epoch)
@@ -730,6 +745,8 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
     ema = EMA(tc.ema_decay)
     # fast path (issue 7): one B-sized SGM pass for reweight_p_samples; exact given the restricted backward below
     single_pass = tc.iw_sample_q == "reweight_p_samples" and tc.single_pass_joint
+    # ... and one backward per micro-batch instead of two (q's CE gradient rides on p's graph, rescaled at z_t)
+    single_backward = single_pass and tc.single_backward_joint
     modules = {"vae": vae, "prior": prior}
     loop = TrainLoop(cfg=cfg, stage=stage, run_dir=run_dir, ctx=ctx, modules=modules, optimizers=optimizers,
                      lr_fns=lr_fns, total_steps=total, ema=ema, extra_state=extra, seed=tc.seed,
@@ -772,13 +789,16 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
                 x = _micro_batch_input(loop, split, idx, cfg, step, gidx)
                 with loop.autocast():
                     out, recon, log_q_top, kl_rest = vae_terms(x)
-                    jl = objective.joint(eps_fn, out.z0_top, loop.generators["noise"], single_pass=single_pass)
+                    jl = objective.joint(eps_fn, out.z0_top, loop.generators["noise"], single_pass=single_pass,
+                                         ce_coeff=beta if single_backward else None)
                 ce = jl.ce_elem.float().flatten(1).sum(1)
                 nelbo_q = recon + beta * (log_q_top + ce + kl_rest)
                 q_loss = nelbo_q.mean() / acc
                 p_loss = jl.p_obj.float().mean() / acc
                 if jl.same_objective:
                     loop.backward(q_loss)
+                elif jl.ce_grad_in_p:  # ce is a detached value here; its encoder gradient comes through p_obj
+                    loop.backward(q_loss + p_loss)
                 else:
                     loop.backward(q_loss, inputs=vae_params, retain_graph=True)
                     loop.backward(p_loss, inputs=prior_params)

@@ -3,7 +3,9 @@
 * ``LSGMObjective.joint(..., single_pass=True)``: one B-sized SGM evaluation on the attached ``z_t`` instead of the
   2B concatenated batch ``[z_t(z0.detach()), z_t(z0)]``, with the q loss back-propagated into the VAE parameters
   only and the p loss into the SGM parameters only (as ``lsgm.train.train_lsgm`` does).
-* ``foreach=True`` for the Adam/Adamax optimisers of ``lsgm.train``.
+* ``joint(..., single_pass=True, ce_coeff=β)``: ONE unrestricted backward, q's cross-entropy gradient reaching
+  the encoder through p's graph rescaled per sample at ``z_t`` (``single_backward_joint``).
+* ``foreach=True`` for the Adam/Adamax optimisers of ``lsgm.train``; fused Adam (``engine.fused_optimizer``).
 * The engine's per-step timing hook (``TrainLoop.step_seconds`` → ``metrics.json`` ``step_seconds``).
 """
 
@@ -45,20 +47,25 @@ class TinyEps(nn.Module):
         return self.c2(h)
 
 
-def _grads_of_joint_step(objective: LSGMObjective, single_pass: bool, seed: int = 3):
+def _grads_of_joint_step(objective: LSGMObjective, single_pass: bool, seed: int = 3, one_backward: bool = False,
+                         beta: float = 0.7):
     """Losses and gradients of one joint step, routed as lsgm.train does (q -> VAE params, p -> SGM params)."""
     torch.manual_seed(0)
     enc, eps_net = TinyEncoder(), TinyEps()
     x = torch.randn(5, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(seed)
     z0 = enc(x)
-    jl = objective.joint(eps_net, z0, gen, single_pass=single_pass)
+    jl = objective.joint(eps_net, z0, gen, single_pass=single_pass, ce_coeff=beta if one_backward else None)
     recon = z0.flatten(1).square().sum(1)  # a VAE-side term through z0
-    q_loss = (recon + 0.7 * jl.ce_elem.flatten(1).sum(1)).mean()
+    q_loss = (recon + beta * jl.ce_elem.flatten(1).sum(1)).mean()
     p_loss = jl.p_obj.mean()
     vae_params, prior_params = list(enc.parameters()), list(eps_net.parameters())
+    assert jl.ce_grad_in_p == (one_backward and not jl.same_objective)
     if jl.same_objective:
         q_loss.backward()
+    elif jl.ce_grad_in_p:
+        assert not jl.ce_elem.requires_grad
+        (q_loss + p_loss).backward()
     else:
         q_loss.backward(inputs=vae_params, retain_graph=True)
         p_loss.backward(inputs=prior_params)
@@ -79,6 +86,51 @@ def test_single_pass_joint_gives_the_2b_paths_losses_and_gradients(iw_sample_p, 
     for a, b in zip(gv1 + gp1, gv2 + gp2):
         assert a.abs().max() > 0  # both routes really carry gradient
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("iw_sample_p", ["drop_all_iw", "drop_all_uniform", "rescale_iw", "drop_sigma2t_iw",
+                                         "drop_sigma2t_uniform"])
+@pytest.mark.parametrize("beta", [0.7, 1.0, 1e-4])
+def test_one_backward_joint_gives_the_2b_paths_losses_and_gradients(iw_sample_p, beta):
+    """ce_coeff=β: one unrestricted backward of q_loss + p_loss == the 2B path's restricted pair of backwards."""
+    obj = LSGMObjective(VPSDE(0.1, 20.0), iw_sample_p, "reweight_p_samples", time_eps=1e-2)
+    p2, ce2, gv2, gp2 = _grads_of_joint_step(obj, single_pass=False, beta=beta)
+    p1, ce1, gv1, gp1 = _grads_of_joint_step(obj, single_pass=True, one_backward=True, beta=beta)
+    torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ce1, ce2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(gv1 + gp1, gv2 + gp2):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_one_backward_scales_the_encoder_gradient_by_beta_w_ll_over_w_p():
+    """Without the per-sample rescaling the encoder would get p's weighting: the rescaling is what makes it q's."""
+    obj = LSGMObjective(VPSDE(0.1, 20.0), "drop_all_iw", "reweight_p_samples", time_eps=1e-2)
+    _, _, gv_ref, _ = _grads_of_joint_step(obj, single_pass=False, beta=0.5)
+    _, _, gv_one, _ = _grads_of_joint_step(obj, single_pass=True, one_backward=True, beta=0.5)
+    _, _, gv_bad, _ = _grads_of_joint_step(obj, single_pass=True, one_backward=True, beta=0.25)
+    torch.testing.assert_close(gv_one[0], gv_ref[0], rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(gv_bad[0], gv_ref[0], rtol=1e-3)
+
+
+def test_one_backward_falls_back_when_a_p_weight_is_zero():
+    obj = LSGMObjective(VPSDE(0.1, 20.0), "drop_all_iw", "reweight_p_samples", time_eps=1e-2)
+    real = obj.sample_t
+
+    def zero_weight(mode, batch, like, generator):
+        ts = real(mode, batch, like, generator)
+        return ts._replace(weight_p=torch.zeros_like(ts.weight_p))
+
+    obj.sample_t = zero_weight
+    jl = obj.joint(TinyEps(), torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True),
+                   torch.Generator().manual_seed(0), single_pass=True, ce_coeff=1.0)
+    assert not jl.ce_grad_in_p and jl.ce_elem.requires_grad
+
+
+def test_ce_coeff_needs_single_pass():
+    obj = LSGMObjective(VPSDE(0.1, 20.0), "drop_all_iw", "reweight_p_samples", time_eps=1e-2)
+    with pytest.raises(ValueError, match="ce_coeff .* needs single_pass=True"):
+        obj.joint(TinyEps(), torch.randn(2, 2, 4, 4, dtype=torch.float64), ce_coeff=1.0)
 
 
 def test_single_pass_without_restricted_backward_would_differ():
@@ -137,6 +189,29 @@ def test_foreach_optimizer_matches_the_per_parameter_loop(cls, kwargs):
     for foreach in (False, True):
         params = [nn.Parameter(p.clone()) for p in init]
         opt = cls(params, lr=1e-2, foreach=foreach, **kwargs)
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+        finals.append([p.detach() for p in params])
+    for a, b, start in zip(*finals, init):
+        assert not torch.equal(a, start)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_adam_matches_the_foreach_kernels():
+    """engine.fused_optimizer (lsgm.train._adam): fused CPU kernels give the foreach update up to rounding."""
+    from lsgm.train import _adam
+
+    torch.manual_seed(0)
+    shapes = [(8, 4, 3, 3), (8,), (16, 8), (3,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(5)]
+    finals = []
+    for fused in (False, True):
+        params = [nn.Parameter(p.clone()) for p in init]
+        opt = _adam(params, lr=1e-2, eps=1e-4, weight_decay=3e-4, fused=fused)
+        assert bool(opt.defaults.get("fused")) == fused
         for g in grads:
             for p, gi in zip(params, g):
                 p.grad = gi.clone()

@@ -281,3 +281,51 @@ def test_channels_last_fast_path_matches_up_to_rounding(tmp_path, prepared):
     for k, v in states[False].items():
         if v.is_floating_point():
             assert torch.allclose(v, states[True][k], rtol=1e-4, atol=1e-5), k
+
+
+def test_one_backward_joint_step_matches_the_restricted_pair(tmp_path, prepared):
+    """single_backward_joint (q's CE gradient through p's graph, rescaled per sample at z_t) changes only rounding.
+
+    Runs the real train_lsgm with NCSN++ (GroupNorm, dropout) and the NVAE: drop_all_iw / reweight_p_samples,
+    whose p and q weights differ per sample, so a wrong rescaling would move the VAE's weights.
+    """
+    states = {}
+    for flag in (False, True):
+        p = tiny_config(tmp_path, name=f"sb{int(flag)}", vae_epochs=1,
+                        extra=f"iw_sample_p: drop_all_iw, iw_sample_q: reweight_p_samples, "
+                              f"single_backward_joint: {str(flag).lower()}")
+        cfg = load_config(p, name="sb")
+        runs = tmp_path / f"runs{int(flag)}"
+        train_vae(cfg, run_root=runs, data_root=prepared, max_steps=2)
+        states[flag] = model_state(train_lsgm(cfg, "lsgm", run_root=runs, data_root=prepared, max_steps=3))
+    moved = 0
+    for k, v in states[False].items():
+        if v.is_floating_point():
+            assert torch.allclose(v, states[True][k], rtol=1e-4, atol=1e-5), k
+            moved += int(k.startswith("vae.") and "running" not in k)
+    assert moved > 0
+
+
+def test_compiled_score_network_trains_like_eager(tmp_path, prepared):
+    """engine.compile: torch.compile (inductor, CPU here) on the SGM backbone; same weights up to rounding.
+
+    Dropout is off so both runs draw the same random numbers; the checkpoint keeps eager parameter names.
+    """
+    states = {}
+    for flag in (False, True):
+        p = tiny_config(tmp_path, name=f"co{int(flag)}", vae_epochs=1)
+        p.write_text(p.read_text().replace("score_net: {nf: 16,", "score_net: {dropout: 0.0, nf: 16,")
+                     .replace("engine: {", f"engine: {{compile: {str(flag).lower()}, "))
+        cfg = load_config(p, name="co")
+        assert cfg.engine.compile == flag and cfg.prior["lsgm"].score_net.dropout == 0.0
+        runs = tmp_path / f"runs{int(flag)}"
+        train_vae(cfg, run_root=runs, data_root=prepared, max_steps=1)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        states[flag] = model_state(train_lsgm(cfg, "lsgm", run_root=runs, data_root=prepared, max_steps=2))
+        compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (compiled_graphs > 0) == flag, compiled_graphs
+    assert states[False].keys() == states[True].keys()
+    for k, v in states[False].items():
+        if v.is_floating_point():
+            assert torch.allclose(v, states[True][k], rtol=1e-4, atol=1e-5), k
