@@ -121,3 +121,26 @@ def test_claims_compare_vae_and_lsgm_nll_with_paired_standard_error(tmp_path):
     claims2 = (tmp_path / "r2" / "claims.md").read_text()
     assert "**No: LSGM is not lower**" in claims2 and "+0.62" in claims2
     assert "prior_top" in claims2  # the terms are listed to find out why
+
+
+@pytest.mark.parametrize("gain, gain_se, expect", [
+    (0.06, 0.05, "no significant difference (within two standard errors)"),
+    (0.80, 0.10, "the prior helps."),
+    (-0.90, 0.10, "the SGM prior itself is worse than N(0, I)"),
+])
+def test_claims_split_the_difference_into_joint_training_and_sgm_prior(tmp_path, gain, gain_se, expect):
+    """LSGM − VAE = (LSGM's VAE with a Normal prior − VAE alone) + (SGM prior − Normal prior) on LSGM's encoder."""
+    runs = _fixture_runs(tmp_path, [9.0, 10.0, 13.0, 14.0])  # LSGM 11.50, VAE 13.00
+    path = runs / "digits" / "eval" / "nll_lsgm.json"
+    payload = json.loads(path.read_text())
+    payload.update(normal_prior_nelbo_nats=11.5 + gain, normal_prior_nelbo_nats_stderr=1.2,
+                   prior_gain_over_normal_nats=gain, prior_gain_over_normal_nats_stderr=gain_se)
+    path.write_text(json.dumps(payload))
+    write_report(run_root=runs, out_dir=tmp_path / "r", experiments=["digits"])
+    claims = (tmp_path / "r" / "claims.md").read_text()
+    assert expect in claims
+    joint_part = 11.5 + gain - 13.0
+    assert (f"Decomposition of LSGM − VAE (-1.50 nats): {joint_part:+.2f} from the end-to-end trained VAE"
+            in claims), claims
+    assert f"{-gain:+.2f} from replacing the Normal prior by the SGM prior" in claims
+    assert "LSGM's VAE with a Normal prior (diagnostic)" in claims
