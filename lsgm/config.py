@@ -346,6 +346,8 @@ class EngineConfig:
     compile: bool = _f(False, doc="torch.compile the SGM backbone in train-lsgm (GPU; measured slower on CPU, "
                                   "and the first step compiles for minutes)")
     channels_last: bool = False
+    keep_cpu_heap: bool = _f(True, doc="on CPU (glibc): keep freed activation memory in the process instead of "
+                                       "unmapping it every step (mallopt thresholds); allocation only")
     fused_optimizer: bool = _f(True, doc="fused Adam kernels of stage 2 (CPU and CUDA; same update up to rounding); "
                                          "False: multi-tensor foreach kernels")
 

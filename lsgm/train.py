@@ -151,6 +151,38 @@ def allreduce_grads(params: list[nn.Parameter], ctx: DistContext) -> None:
         offset += n
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's upper limit on 64-bit systems
+_TRIM_THRESHOLD = 1 << 30
+
+
+def keep_cpu_heap() -> bool:
+    """Stop glibc's malloc from handing activation memory back to the OS after every step (CPU fast path).
+
+    By default glibc serves blocks above a (dynamic, ≥128 KiB) threshold with ``mmap`` and trims the heap top
+    above another: every training step then unmaps its activations and faults the pages in again, zero-filled, on
+    the next step. Raising both thresholds (``mallopt``: mmap threshold 32 MiB, glibc's maximum; trim threshold
+    1 GiB) keeps the memory in the process; the heap still shrinks when more than 1 GiB is free at its top.
+    Same arithmetic, only allocation changes. Returns False (and does nothing) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
+    if not ok:
+        log.warning("mallopt refused the heap thresholds; allocation stays glibc's default")
+    return ok
+
+
 def _adam(params: list[nn.Parameter], *, lr: float, eps: float, weight_decay: float, fused: bool
           ) -> torch.optim.Adam:
     """Adam with fused kernels where this torch has them for the parameters' device, else foreach kernels."""
@@ -548,6 +580,8 @@ def _start_stage(cfg: ExperimentConfig, stage: str, tc: Any, run_root: Path, dat
     """Common start of a training stage: logging, processes, run directory + resolved config, data, batch plan."""
     _setup_logging()
     ctx = setup_distributed(cfg.engine)
+    if cfg.engine.keep_cpu_heap and ctx.device.type == "cpu":
+        keep_cpu_heap()
     run_dir = Path(run_root) / cfg.name / stage
     if ctx.is_main:
         write_resolved_config(cfg, run_dir)

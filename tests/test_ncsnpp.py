@@ -337,3 +337,24 @@ def test_naive_resampling_matches_torch():
         naive_downsample_2d(torch.randn(1, 1, 5, 4))
     with pytest.raises(ValueError, match="factor"):
         naive_upsample_2d(x, factor=0)
+
+
+def test_attention_block_and_nin_equal_the_explicit_formulas():
+    """AttnBlock (fused scaled_dot_product_attention) and NIN (1x1 conv) compute spec §5's formulas (float64)."""
+    torch.manual_seed(0)
+    blk = AttnBlock(8).double()
+    for m in (blk.q, blk.k, blk.v, blk.out):  # non-trivial weights (out is ~0 at init)
+        torch.nn.init.normal_(m.weight, std=0.3)
+        torch.nn.init.normal_(m.bias, std=0.1)
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64)
+
+    def nin(m, t):
+        return torch.einsum("oi,bihw->bohw", m.weight, t) + m.bias[None, :, None, None]
+
+    h = blk.norm(x)
+    q, k, v = (nin(m, h).reshape(3, 8, 20) for m in (blk.q, blk.k, blk.v))
+    w = torch.softmax(torch.einsum("bcq,bck->bqk", q, k) / math.sqrt(8), dim=-1)
+    o = torch.einsum("bqk,bck->bcq", w, v).reshape(3, 8, 5, 4)
+    expected = (x + nin(blk.out, o)) / math.sqrt(2.0)
+    torch.testing.assert_close(blk(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blk.q(x), nin(blk.q, x), rtol=1e-12, atol=1e-12)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -128,7 +129,7 @@ class NIN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_ch, H, W) -> (B, out_ch, H, W)."""
-        return torch.einsum("oi,bihw->bohw", self.weight, x) + self.bias[None, :, None, None]
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)  # the same map as a 1x1 kernel (fast path)
 
 
 def group_norm_groups(channels: int) -> int:

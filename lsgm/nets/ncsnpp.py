@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lsgm.nets.layers import NIN, make_conv, make_dense, make_group_norm, timestep_embedding
@@ -126,11 +127,9 @@ class AttnBlock(nn.Module):
         """x: (B, C, H, W) -> (B, C, H, W)."""
         b, c, height, width = x.shape
         h = self.norm(x)
-        q = self.q(h).reshape(b, c, height * width)
-        k = self.k(h).reshape(b, c, height * width)
-        v = self.v(h).reshape(b, c, height * width)
-        weights = torch.softmax(torch.einsum("bcq,bck->bqk", q, k) * (c**-0.5), dim=-1)
-        o = torch.einsum("bqk,bck->bcq", weights, v).reshape(b, c, height, width)
+        q, k, v = (f(h).reshape(b, c, height * width).transpose(1, 2) for f in (self.q, self.k, self.v))
+        # torch's fused attention kernel: softmax(q kᵀ / √C) v, the formula above
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c, height, width)
         return (x + self.out(o)) / math.sqrt(2.0)
 
 
