@@ -178,17 +178,16 @@ def test_single_pass_needs_reweight_p_samples(iw_sample_q):
         obj.joint(TinyEps(), torch.randn(2, 2, 4, 4, dtype=torch.float64), single_pass=True)
 
 
-@pytest.mark.parametrize("cls, kwargs", [(torch.optim.Adam, {"eps": 1e-4, "weight_decay": 3e-4}),
-                                         (torch.optim.Adamax, {"eps": 1e-3, "weight_decay": 3e-4})])
-def test_foreach_optimizer_matches_the_per_parameter_loop(cls, kwargs):
+def _assert_two_optimizers_agree(make_opt, steps: int = 4) -> None:
+    """Run ``make_opt(params, variant)`` for variant False and True on the same gradients; same result."""
     torch.manual_seed(0)
     shapes = [(8, 4, 3, 3), (8,), (16, 8), (3,)]
     init = [torch.randn(s) for s in shapes]
-    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(steps)]
     finals = []
-    for foreach in (False, True):
+    for variant in (False, True):
         params = [nn.Parameter(p.clone()) for p in init]
-        opt = cls(params, lr=1e-2, foreach=foreach, **kwargs)
+        opt = make_opt(params, variant)
         for g in grads:
             for p, gi in zip(params, g):
                 p.grad = gi.clone()
@@ -197,29 +196,24 @@ def test_foreach_optimizer_matches_the_per_parameter_loop(cls, kwargs):
     for a, b, start in zip(*finals, init):
         assert not torch.equal(a, start)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(torch.optim.Adam, {"eps": 1e-4, "weight_decay": 3e-4}),
+                                         (torch.optim.Adamax, {"eps": 1e-3, "weight_decay": 3e-4})])
+def test_foreach_optimizer_matches_the_per_parameter_loop(cls, kwargs):
+    _assert_two_optimizers_agree(lambda params, foreach: cls(params, lr=1e-2, foreach=foreach, **kwargs))
 
 
 def test_fused_adam_matches_the_foreach_kernels():
     """engine.fused_optimizer (lsgm.train._adam): fused CPU kernels give the foreach update up to rounding."""
     from lsgm.train import _adam
 
-    torch.manual_seed(0)
-    shapes = [(8, 4, 3, 3), (8,), (16, 8), (3,)]
-    init = [torch.randn(s) for s in shapes]
-    grads = [[torch.randn(s) for s in shapes] for _ in range(5)]
-    finals = []
-    for fused in (False, True):
-        params = [nn.Parameter(p.clone()) for p in init]
+    def make(params, fused):
         opt = _adam(params, lr=1e-2, eps=1e-4, weight_decay=3e-4, fused=fused)
         assert bool(opt.defaults.get("fused")) == fused
-        for g in grads:
-            for p, gi in zip(params, g):
-                p.grad = gi.clone()
-            opt.step()
-        finals.append([p.detach() for p in params])
-    for a, b, start in zip(*finals, init):
-        assert not torch.equal(a, start)
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        return opt
+
+    _assert_two_optimizers_agree(make, steps=5)
 
 
 def test_step_time_stats_skip_warmup_and_summarise():
