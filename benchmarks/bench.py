@@ -6,7 +6,8 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench.py                  # A and B, full measurement (several minutes)
     .venv/bin/python benchmarks/bench.py --quick          # smoke run: 2 timed steps, ODE tol 1e-3
     .venv/bin/python benchmarks/bench.py --configs b --out bench_b.json
-    .venv/bin/python benchmarks/bench.py --configs b --set prior.lsgm.train.single_pass_joint=false
+    .venv/bin/python benchmarks/bench.py --configs b --set prior.lsgm.train.single_pass_joint=false  # 2B path
+    .venv/bin/python benchmarks/bench.py --configs b --set prior.lsgm.train.single_backward_joint=false
 
 What it does, per configuration (``benchmarks/configs/config_{a,b}.yaml``):
 
@@ -179,17 +180,6 @@ def run_phase(phase: str, config: Path, work: Path, steps: int, tol: Optional[fl
     if phase in ("vae", "lsgm"):
         from lsgm.train import train_lsgm, train_vae
 
-        if os.environ.get("LSGM_BENCH_JOINT_2B") == "1":  # --no-single-pass: the 2B concatenated joint forward
-            from lsgm.objectives import LSGMObjective
-
-            original = LSGMObjective.joint
-
-            def joint_2b(self, *a, single_pass=False, **k):
-                return original(self, *a, single_pass=False, **k)
-
-            LSGMObjective.joint = joint_2b
-            out["joint_forward"] = "2B concatenated (single pass disabled)"
-
         runs, data = work / "runs", work / "prepared"
         if phase == "vae":
             train_vae(cfg, run_root=runs, data_root=data, max_steps=WARMUP + steps)
@@ -245,8 +235,6 @@ def _spawn(phase: str, config: Path, work: Path, args) -> dict:
         cmd += ["--tol", str(args.tol)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    if args.no_single_pass:
-        env["LSGM_BENCH_JOINT_2B"] = "1"
     log_path = work / f"{config.stem}-{phase}.log"
     b0, c0, t0 = _cpu_busy_seconds(), _children_cpu_seconds(), time.perf_counter()
     with open(log_path, "w") as log:
@@ -298,7 +286,7 @@ def bench_config(key: str, config: Path, work: Path, args, warnings: list[str]) 
                             f"its times are contaminated")
     res: dict[str, Any] = {
         "config": str(config.relative_to(REPO) if config.is_relative_to(REPO) else config),
-        "overrides": list(args.set or []) + (["--no-single-pass"] if args.no_single_pass else []),
+        "overrides": list(args.set or []),
         "batch": args.batch,
     }
     if "vae" in phases:
@@ -329,8 +317,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--tol", type=float, default=None, help="override the ODE tolerance (default: the config's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. engine.channels_last=true (repeatable)")
-    ap.add_argument("--no-single-pass", action="store_true",
-                    help="measure the joint step with the 2B concatenated SGM forward (before the issue-7 fast path)")
     ap.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)} (vae is needed by "
                     "lsgm and the NLL phases)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON document here")

@@ -403,8 +403,8 @@ class LSGMObjective:
         therefore sees ``scale_grad(z_t, r)``: the backward of ``p_loss`` gives the SGM parameters p's gradient
         and, scaled by r at ``z_t``, the encoder q's cross-entropy gradient. ``ce_elem`` is returned detached and
         ``ce_grad_in_p`` is True: ONE unrestricted backward of ``q_loss + p_loss`` replaces the restricted pair and
-        the SGM backward runs once instead of twice. Falls back to the restricted-pair result (``ce_grad_in_p``
-        False) if some ``w_p`` is 0 or a ratio is not finite.
+        the SGM backward runs once instead of twice. Every mode's weights are positive for t > 0 (σ_t² < 1 by
+        construction); where ``w_p = 0`` (``g² = 0``) ``w_ll`` is 0 as well, and the ratio is set to 0.
 
         Args:
             eps_fn: mixed ε-prediction ``eps_fn(z_t (B,C,H,W), t (B,)) -> (B,C,H,W)``.
@@ -432,12 +432,14 @@ class LSGMObjective:
             ce = cross_entropy_elem(eps_pred, eps, ts_p.weight_ll, self.ce_const)
             return JointLoss(p_obj, ce, True)
         if single_pass and ce_coeff is not None:
-            ratio = float(ce_coeff) * ts_p.weight_ll / ts_p.weight_p
-            if bool(torch.isfinite(ratio).all()):
-                eps_pred = eps_fn(scale_grad(diffuse(z0, eps, ts_p), ratio), ts_p.t)
-                p_obj = sgm_objective(eps_pred, eps, ts_p.weight_p)
-                ce = cross_entropy_elem(eps_pred.detach(), eps, ts_p.weight_ll, self.ce_const)
-                return JointLoss(p_obj, ce, False, True)
+            # w_p = 0 happens only where g² = 0 (ll_uniform / drop_sigma2t_uniform at t = 0 with β_min = 0), and
+            # there w_ll = 0 too: ratio 0 is exact, and torch.where keeps it free of a host-device sync
+            w_p, w_ll = ts_p.weight_p, ts_p.weight_ll
+            ratio = torch.where(w_p > 0, float(ce_coeff) * w_ll / torch.where(w_p > 0, w_p, 1.0), 0.0)
+            eps_pred = eps_fn(scale_grad(diffuse(z0, eps, ts_p), ratio), ts_p.t)
+            p_obj = sgm_objective(eps_pred, eps, w_p)
+            ce = cross_entropy_elem(eps_pred.detach(), eps, w_ll, self.ce_const)
+            return JointLoss(p_obj, ce, False, True)
         if single_pass:
             eps_pred = eps_fn(diffuse(z0, eps, ts_p), ts_p.t)
             p_obj = sgm_objective(eps_pred, eps, ts_p.weight_p)

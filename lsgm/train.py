@@ -186,21 +186,16 @@ def keep_cpu_heap() -> bool:
 def _adam(params: list[nn.Parameter], *, lr: float, eps: float, weight_decay: float, fused: bool
           ) -> torch.optim.Adam:
     """Adam with fused kernels where this torch has them for the parameters' device, else foreach kernels."""
-    devices = {p.device.type for p in params}
-    can_fuse = fused and devices <= {"cpu", "cuda", "mps", "xpu"} and all(p.is_floating_point() for p in params)
-    if can_fuse:
-        try:
+    if fused:
+        try:  # the device types this torch build has fused optimiser kernels for (torch checks only at step 1)
+            from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+            supported = set(_get_fused_kernels_supported_devices())
+        except ImportError:
+            supported = set()
+        if all(p.device.type in supported and p.is_floating_point() for p in params):
             return torch.optim.Adam(params, lr=lr, eps=eps, weight_decay=weight_decay, fused=True)
-        except (RuntimeError, TypeError) as exc:  # a torch/device without fused Adam
-            log.warning("fused Adam not available (%s); using foreach kernels", exc)
+        log.warning("fused Adam not available for %s; using foreach kernels", sorted({p.device.type for p in params}))
     return torch.optim.Adam(params, lr=lr, eps=eps, weight_decay=weight_decay, foreach=True)
-
-
-def grads_finite(params: list[nn.Parameter]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
 
 def grad_norm(params: list[nn.Parameter]) -> float:
@@ -397,10 +392,10 @@ class TrainLoop:
         opt = self.optimizers[name]
         allreduce_grads(params, self.ctx)
         self.scaler.unscale_(opt)
-        finite = grads_finite(params)
+        norm = grad_norm(params)  # one pass over the gradients: a NaN/inf anywhere makes the norm non-finite
+        finite = math.isfinite(norm)
         if not finite and not self.scaler.is_enabled():
             raise NonFiniteError(f"non-finite gradient in {name}")
-        norm = grad_norm(params) if finite else float("nan")
         if grad_clip > 0 and finite:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         self.scaler.step(opt)  # skipped by the scaler itself if fp16 overflowed
