@@ -619,7 +619,7 @@ def train_vae(cfg: ExperimentConfig, run_root: Path = Path("data/runs"), data_ro
         vae.train()
         beta = kl_coeff(step, total, tc.kl_anneal_portion, tc.kl_const_portion, tc.kl_const_coeff, tc.kl_max_coeff)
         sums = {"recon_nats": 0.0, "kl_nats": 0.0, "nelbo_nats": 0.0, "loss": 0.0}
-        kl_groups = torch.zeros(sum(gps))
+        kl_groups = torch.zeros(sum(gps), device=ctx.device)
         for gidx, idx in plan.micro_batches(order, step, ctx.rank):
             x = _micro_batch_input(loop, split, idx, cfg, step, gidx)
             with loop.autocast():
@@ -631,20 +631,21 @@ def train_vae(cfg: ExperimentConfig, run_root: Path = Path("data/runs"), data_ro
             loop.backward(loss)
             kl = torch.stack(kl_all, 1).detach().sum(1)
             recon = recon.detach()
-            sums["recon_nats"] += float(recon.mean()) / plan.accumulation
-            sums["kl_nats"] += float(kl.mean()) / plan.accumulation
-            sums["nelbo_nats"] += float((recon + kl).mean()) / plan.accumulation
-            sums["loss"] += float(loss.detach())
-            kl_groups += kl_vals.detach().float().cpu() / plan.accumulation
+            sums["recon_nats"] += recon.mean() / plan.accumulation
+            sums["kl_nats"] += kl.mean() / plan.accumulation
+            sums["nelbo_nats"] += (recon + kl).mean() / plan.accumulation
+            sums["loss"] += loss.detach()
+            kl_groups += kl_vals.detach().float() / plan.accumulation
         if tc.weight_decay_norm > 0:  # regulariser once per optimiser step; skipped entirely at λ = 0
             with loop.autocast():
                 reg_loss = tc.weight_decay_norm * (reg.loss() + bn_loss(vae))
             loop.backward(reg_loss)
-            sums["reg"] = float(reg_loss.detach())
+            sums["reg"] = reg_loss.detach()
+        sums.update({f"kl_group_{i}": v for i, v in enumerate(kl_groups.unbind())})
+        sums = _host_floats(sums)  # one device-to-host copy per step, before the optimiser's own sync
         sums["grad_norm"] = loop.optimizer_step("vae", params)
         opt.zero_grad(set_to_none=True)
         sums["kl_coeff"] = beta
-        sums.update({f"kl_group_{i}": float(v) for i, v in enumerate(kl_groups)})
         return sums
 
     last = loop.run(step_fn, max_steps=max_steps)
@@ -831,11 +832,11 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
                 else:
                     loop.backward(q_loss, inputs=vae_params, retain_graph=True)
                     loop.backward(p_loss, inputs=prior_params)
-                m["loss"] += float(q_loss.detach())
-                m["p_loss"] += float(p_loss.detach())
-                m["nelbo_nats"] += float((recon + log_q_top + ce + kl_rest).detach().mean()) / acc
-                m["recon_nats"] += float(recon.detach().mean()) / acc
-                m["cross_entropy_nats"] += float(ce.detach().mean()) / acc
+                m["loss"] += q_loss.detach()
+                m["p_loss"] += p_loss.detach()
+                m["nelbo_nats"] += (recon + log_q_top + ce + kl_rest).detach().mean() / acc
+                m["recon_nats"] += recon.detach().mean() / acc
+                m["cross_entropy_nats"] += ce.detach().mean() / acc
             _add_reg(loop, reg_terms("vae"), vae_params, m, "reg_vae")
             _add_reg(loop, reg_terms("prior"), prior_params, m, "reg_prior")
             m["grad_norm_vae"] = loop.optimizer_step("vae", vae_params, tc.grad_clip)
@@ -855,10 +856,10 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
                         q_loss = nelbo_q.mean() / acc
                         loop.backward(q_loss, inputs=vae_params)
                         latents.append(out.z0_top.detach())
-                        m["loss"] += float(q_loss.detach())
-                        m["nelbo_nats"] += float((recon + log_q_top + ce + kl_rest).detach().mean()) / acc
-                        m["recon_nats"] += float(recon.detach().mean()) / acc
-                        m["cross_entropy_nats"] += float(ce.detach().mean()) / acc
+                        m["loss"] += q_loss.detach()
+                        m["nelbo_nats"] += (recon + log_q_top + ce + kl_rest).detach().mean() / acc
+                        m["recon_nats"] += recon.detach().mean() / acc
+                        m["cross_entropy_nats"] += ce.detach().mean() / acc
                 _add_reg(loop, reg_terms("vae"), vae_params, m, "reg_vae")
                 m["grad_norm_vae"] = loop.optimizer_step("vae", vae_params, tc.grad_clip)
             else:  # ---- frozen VAE: latents without gradients (eval-mode BN: no running-stat drift, spec §11.7)
@@ -873,16 +874,16 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
                 with loop.autocast():
                     p_loss = objective.p_only(eps_fn, z0.float(), loop.generators["noise"]).float().mean() / acc
                 loop.backward(p_loss, inputs=prior_params)
-                m["p_loss"] += float(p_loss.detach())
+                m["p_loss"] += p_loss.detach()
             _add_reg(loop, reg_terms("prior"), prior_params, m, "reg_prior")
             m["grad_norm_prior"] = loop.optimizer_step("prior", prior_params, tc.grad_clip)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
         ema.update(prior)
         alpha = torch.sigmoid(prior.mixing_logit.detach().float())
-        m.update({"kl_coeff": beta, "mixing_alpha_mean": float(alpha.mean()), "mixing_alpha_min": float(alpha.min()),
-                  "mixing_alpha_max": float(alpha.max())})
-        return m
+        m.update({"kl_coeff": beta, "mixing_alpha_mean": alpha.mean(), "mixing_alpha_min": alpha.min(),
+                  "mixing_alpha_max": alpha.max()})
+        return _host_floats(m)  # one device-to-host copy for the step's metrics
 
     last = loop.run(step_fn, max_steps=max_steps, on_start=on_start)
     model_path = run_dir / "model.pt"
@@ -894,9 +895,17 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = Path("data/ru
     return model_path
 
 
+def _host_floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """A step's metrics as Python floats, with ONE device-to-host copy for all tensor values (not one sync each)."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist() if keys else []
+    tensor_values = dict(zip(keys, values))
+    return {k: tensor_values[k] if k in tensor_values else float(v) for k, v in metrics.items()}
+
+
 def _add_reg(loop: TrainLoop, reg: Optional[torch.Tensor], params: list[nn.Parameter], m: dict, name: str) -> None:
     """Back-propagate a regulariser once per optimiser step (not per micro-batch), into ``params`` only."""
     if reg is None:
         return
     loop.backward(reg, inputs=params)
-    m[name] = float(reg.detach())
+    m[name] = reg.detach()
