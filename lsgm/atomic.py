@@ -3,13 +3,14 @@ never sees a partial file. One home for this rule; every output of the pipeline 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -55,3 +56,8 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (readers never see a partial file)."""
     atomic_write_bytes(text.encode(), path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False, allow_nan: bool = True) -> None:
+    """Write ``obj`` as indented JSON (one trailing newline) to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=allow_nan) + "\n")

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from lsgm.atomic import atomic_write_bytes
+from lsgm.provenance import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +37,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> str:
     data = buf.getvalue()
     atomic_write_bytes(data, path)
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class CheckpointManager:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from lsgm.config import ConfigError, dump_config, list_experiments, load_experiment
+from lsgm.runs import PREPARED_ROOT, RUNS_ROOT
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
@@ -24,6 +25,17 @@ def _cmd_config_list(args: argparse.Namespace) -> int:
     defaults = set(default_experiments())
     for name in list_experiments():
         print(f"{name}{'  (default)' if name in defaults else ''}")
+    return 0
+
+
+def _cmd_resolve_config(args: argparse.Namespace) -> int:
+    from lsgm.atomic import atomic_write_text
+    from lsgm.config import resolved_params_file
+
+    cfg = load_experiment(args.experiment)  # a config error leaves the existing file untouched
+    out = Path(args.out) if args.out else resolved_params_file(cfg.name)
+    atomic_write_text(out, dump_config(cfg))
+    print(f"resolved {args.experiment} -> {out}")
     return 0
 
 
@@ -114,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("experiment", help="experiment name from params/experiments.yaml, or a params YAML file")
 
     def roots(sp: argparse.ArgumentParser, data: bool = True) -> None:
-        sp.add_argument("--run-root", default="data/runs", help="where run directories live (default: data/runs)")
+        sp.add_argument("--run-root", default=str(RUNS_ROOT), help=f"where run directories live (default: {RUNS_ROOT})")
         if data:
-            sp.add_argument("--data-root", default="data/prepared", help="prepared datasets (default: data/prepared)")
+            sp.add_argument("--data-root", default=str(PREPARED_ROOT),
+                            help=f"prepared datasets (default: {PREPARED_ROOT})")
 
     cfg = add("config", None, "inspect experiment configs")
     csub = cfg.add_subparsers(dest="config_verb", required=True, metavar="ACTION")
@@ -126,10 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     lst = csub.add_parser("list", help="list the experiments of params/experiments.yaml")
     lst.set_defaults(fn=_cmd_config_list)
 
+    sp = add("resolve-config", _cmd_resolve_config,
+             "write the merged, validated config to params/resolved/EXP.yaml (atomically; DVC reads params there)")
+    exp(sp)
+    sp.add_argument("--out", default=None, help="output file (default: params/resolved/EXP.yaml)")
+
     sp = add("prepare", _cmd_prepare, "download (if needed), verify and convert a dataset to data/prepared/NAME")
     sp.add_argument("name", help="digits | mnist | omniglot | cifar10 | celeba256")
     sp.add_argument("--raw-dir", default="data/raw", help="where raw downloads live (default: data/raw)")
-    sp.add_argument("--out-dir", default="data/prepared", help="output root (default: data/prepared)")
+    sp.add_argument("--out-dir", default=str(PREPARED_ROOT), help=f"output root (default: {PREPARED_ROOT})")
     sp.add_argument("--no-download", action="store_true", help="never download; fail if a raw file is missing")
 
     sp = add("train-vae", _cmd_train_vae, "stage 1: train the VAE with a Normal prior (resumes automatically)")
@@ -155,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("fid-stats", _cmd_fid_stats, "reference Inception statistics of the training split")
     exp(sp)
-    sp.add_argument("--data-root", default="data/prepared")
+    sp.add_argument("--data-root", default=str(PREPARED_ROOT))
     sp.add_argument("--out", required=True, help="output .pt file (mu, sigma)")
 
     sp = add("eval-fid", _cmd_eval_fid, "FID / IS / KID of the samples with torch-fidelity")
@@ -169,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_arguments(sp)
 
     sp = add("report", _cmd_report, "write reports/results.{md,csv}, claims.md and figures")
-    sp.add_argument("--run-root", default="data/runs")
+    sp.add_argument("--run-root", default=str(RUNS_ROOT))
     sp.add_argument("--out-dir", default="reports")
     sp.add_argument("--experiments", nargs="*", default=None, help="default: every experiment in the matrix")
     return p

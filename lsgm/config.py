@@ -24,6 +24,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from lsgm.atomic import atomic_write_text
+from lsgm.choices import (COMPAT_MODES, DEVICES, IW_MODES, IW_Q_MODES, ODE_METHODS, PROBE_MODES, PROBES, SDE_KINDS,
+                          SDE_PARAMS, TRACES, check_mode_sde)
+from lsgm.stages import STAGES
 
 __all__ = [
     "ConfigError",
@@ -50,6 +53,8 @@ __all__ = [
     "config_hash",
     "dump_config",
     "write_resolved_config",
+    "RESOLVED_PARAMS",
+    "resolved_params_file",
 ]
 
 
@@ -77,8 +82,8 @@ DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
     "celeba256": (3, 256, 256),
 }
 
-# Pipeline stages that ask a scheduler for resources (Snakemake rules / DVC stages share these names).
-RESOURCE_STAGES = ("prepare", "fid_stats", "train_vae", "train_lsgm", "sample", "eval_nll", "eval_fid", "report")
+# Keys of an experiment's `resources:` section: the pipeline's stages (lsgm/stages.py, the one list).
+RESOURCE_STAGES = STAGES
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -180,7 +185,7 @@ class TrainVAEConfig:
 class SDEConfig:
     """Forward SDE in latent space (spec §2)."""
 
-    kind: Literal["vpsde", "geometric"]
+    kind: Literal[SDE_KINDS]
     beta_min: float = _f(0.1, lo=0, lo_open=True)
     beta_max: float = _f(20.0, lo=0, lo_open=True)
     sigma2_0: float = _f(0.0, lo=0, hi=1, hi_open=True)
@@ -195,10 +200,8 @@ class SDEConfig:
             raise ConfigError(f"{where}: need sigma2_min < sigma2_max, got {self.sigma2_min}, {self.sigma2_max}")
 
     def sde_params(self) -> dict[str, float]:
-        """Keyword arguments for :func:`lsgm.sde.make_sde`."""
-        if self.kind == "vpsde":
-            return {"beta_min": self.beta_min, "beta_max": self.beta_max, "sigma2_0": self.sigma2_0}
-        return {"sigma2_min": self.sigma2_min, "sigma2_max": self.sigma2_max, "sigma2_0": self.sigma2_0}
+        """Keyword arguments for :func:`lsgm.sde.make_sde` (the kind's parameters, lsgm.choices.SDE_PARAMS)."""
+        return {name: getattr(self, name) for name in SDE_PARAMS[self.kind]}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,10 +225,6 @@ class ScoreNetConfig:
                               f"allowed: exactly num_scales = {self.num_scales}")
 
 
-IW_MODES = Literal["ll_uniform", "ll_iw", "drop_all_uniform", "drop_all_iw", "drop_sigma2t_iw",
-                   "drop_sigma2t_uniform", "rescale_iw"]
-
-
 @dataclass(frozen=True, kw_only=True)
 class TrainLSGMConfig:
     """Stage 2 (and the CelebA qualitative stage 3): VAE + SGM prior (spec §4.5–4.7)."""
@@ -242,8 +241,8 @@ class TrainLSGMConfig:
     weight_decay: float = _f(lo=0)
     ema_decay: float = _f(lo=0, hi=1)
     warmup_epochs: float = _f(lo=0)
-    iw_sample_p: IW_MODES = "ll_iw"
-    iw_sample_q: Literal["reweight_p_samples", "ll_uniform", "ll_iw"] = "reweight_p_samples"
+    iw_sample_p: Literal[IW_MODES] = "ll_iw"
+    iw_sample_q: Literal[IW_Q_MODES] = "reweight_p_samples"
     disjoint: bool = False
     update_q_ema: bool = False
     cont_kl_anneal: bool = False
@@ -257,9 +256,7 @@ class TrainLSGMConfig:
     inactive_kl_threshold: float = _f(0.1, lo=0)
     inactive_max_batches: int = _f(1000, lo=1)
     grad_clip: float = _f(0.0, lo=0)
-    train_ode_eps: float = _f(lo=0, lo_open=True, hi=1)
-    train_ode_tol: float = _f(lo=0, lo_open=True)
-    compat: Literal["exact", "official"] = "exact"
+    compat: Literal[COMPAT_MODES] = "exact"
     single_pass_joint: bool = _f(True, doc="one B-sized SGM pass for reweight_p_samples with different p/q "
                                            "objectives (same gradients; with dropout, p and q share one mask)")
     single_backward_joint: bool = _f(True, doc="with single_pass_joint: one backward per micro-batch, q's "
@@ -290,7 +287,7 @@ class SamplingConfig:
     ode_tol: float = _f(lo=0, lo_open=True)
     temperature: float = _f(1.0, lo=0, lo_open=True)
     vae_temperature: float = _f(1.0, lo=0, lo_open=True)
-    method: Literal["dopri5", "scipy_rk45"] = "dopri5"
+    method: Literal[ODE_METHODS] = "dopri5"
     vae_train_mode: bool = False  # decoder BatchNorm with batch statistics (CelebA FID, spec §6.1 step 5)
     use_ema: bool = True
     seed: int = _f(0, lo=0)
@@ -305,11 +302,11 @@ class NLLEvalConfig:
     ode_eps: float = _f(lo=0, lo_open=True, hi=1)
     ode_tol: float = _f(lo=0, lo_open=True)
     num_iw_samples: int = _f(1, lo=1)
-    trace: Literal["hutchinson", "exact"] = "hutchinson"
-    probe: Literal["gaussian", "rademacher"] = "gaussian"
+    trace: Literal[TRACES] = "hutchinson"
+    probe: Literal[PROBES] = "gaussian"
     num_probes: int = _f(1, lo=1)
-    probe_mode: Literal["fixed", "fresh"] = "fixed"
-    method: Literal["dopri5", "scipy_rk45"] = "dopri5"
+    probe_mode: Literal[PROBE_MODES] = "fixed"
+    method: Literal[ODE_METHODS] = "dopri5"
     use_ema: bool = True
     binarization_draws: int = _f(1, lo=1)
     seed: int = _f(0, lo=0)
@@ -332,7 +329,7 @@ class FIDEvalConfig:
 class EngineConfig:
     """How training runs (not what it computes): checkpoints, precision, devices, NaN guard."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = True
     grad_scaler_init: float = _f(1024.0, lo=1)
@@ -429,13 +426,13 @@ def _check_range(value: float, meta: dict, where: str) -> None:
         raise ConfigError(f"{where} = {value!r} is out of range; allowed: {_range_text(meta)}")
 
 
-def _convert(value: Any, tp: Any, where: str, meta: dict) -> Any:
+def _convert(value: Any, tp: Any, where: str, meta: dict, drop_removed: bool = False) -> Any:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(value, args[0], where, meta)
+        return _convert(value, args[0], where, meta, drop_removed)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
@@ -452,9 +449,9 @@ def _convert(value: Any, tp: Any, where: str, meta: dict) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} = {value!r} has the wrong type; allowed: {_type_name(tp)}")
         _, vt = typing.get_args(tp)
-        return {str(k): _convert(v, vt, f"{where}.{k}", meta) for k, v in value.items()}
+        return {str(k): _convert(v, vt, f"{where}.{k}", meta, drop_removed) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+        return _build(tp, value, where, drop_removed=drop_removed)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} = {value!r} has the wrong type; allowed: true/false")
@@ -484,12 +481,29 @@ def _convert(value: Any, tp: Any, where: str, meta: dict) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {where}")
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+#: Keys removed because nothing read them, per section class. Stored configs (checkpoints, model files) may still
+#: carry them and are read without them (:func:`config_from_dict`); a params file that sets one gets this reason.
+REMOVED_KEYS: dict[str, dict[str, str]] = {
+    "TrainLSGMConfig": {
+        "train_ode_eps": "removed key: nothing read it (the reference uses it for ODE evaluations during training; "
+                         "here sampling.ode_eps and eval_nll.ode_eps set the ODE of the separate stages); delete it",
+        "train_ode_tol": "removed key: nothing read it (the reference uses it for ODE evaluations during training; "
+                         "here sampling.ode_tol and eval_nll.ode_tol set the ODE of the separate stages); delete it",
+    },
+}
+
+
+def _build(cls: type, raw: Any, where: str, *, drop_removed: bool = False) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} = {raw!r} has the wrong type; allowed: {_type_name(cls)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    removed = REMOVED_KEYS.get(cls.__name__, {})
+    if drop_removed:
+        raw = {k: v for k, v in raw.items() if k not in removed}
     for key in raw:
+        if key in removed:
+            raise ConfigError(f"{where}.{key}: {removed[key]}")
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -498,7 +512,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     kwargs = {}
     for name, f in fields.items():
         if name in raw:
-            kwargs[name] = _convert(raw[name], hints[name], f"{where}.{name}", dict(f.metadata))
+            kwargs[name] = _convert(raw[name], hints[name], f"{where}.{name}", dict(f.metadata), drop_removed)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}.{name}: required key is missing; allowed: {_type_name(hints[name])}")
     return cls(**kwargs)
@@ -599,8 +613,10 @@ def _cross_check(cfg: ExperimentConfig, where: str) -> None:
         p.score_net.check(w + ".score_net")
         if p.init_from not in seen:
             raise ConfigError(f"{w}.init_from = {p.init_from!r}; allowed: one of {seen} (an earlier stage)")
-        if p.train.iw_sample_p == "drop_all_iw" and p.sde.kind != "vpsde":
-            raise ConfigError(f"{w}.train.iw_sample_p = 'drop_all_iw' needs sde.kind = 'vpsde' (spec §4.3)")
+        try:
+            check_mode_sde(p.train.iw_sample_p, p.sde.kind, "train.iw_sample_p")
+        except ValueError as exc:
+            raise ConfigError(f"{w}.{exc} (docs/algorithm.md §4.3)") from None
         if p.train.disjoint and p.train.iw_sample_q == "reweight_p_samples":
             raise ConfigError(f"{w}.train.iw_sample_q = 'reweight_p_samples' with disjoint = true; "
                               "allowed: 'll_uniform' or 'll_iw' (spec §4.5)")
@@ -665,6 +681,15 @@ def load_experiment(name_or_path: str, root: Path | None = None) -> ExperimentCo
     return load_config(experiment_file(name_or_path, root), name=name_or_path)
 
 
+#: where ``lsgm resolve-config EXP`` writes the fully merged config that DVC reads params from (repo-relative)
+RESOLVED_PARAMS = "params/resolved"
+
+
+def resolved_params_file(name: str, root: Path | None = None) -> Path:
+    """``params/resolved/<name>.yaml`` under the repository root."""
+    return (root or _repo_root()) / RESOLVED_PARAMS / f"{name}.yaml"
+
+
 # --------------------------------------------------------------------------------------------- output
 def config_to_dict(cfg: Any) -> Any:
     """Plain nested dict/list view (tuples as lists) suitable for YAML/JSON."""
@@ -688,15 +713,17 @@ def config_hash(section: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def write_resolved_config(cfg: ExperimentConfig, out_dir: str | os.PathLike) -> Path:
-    """Save ``resolved_config.yaml`` beside a stage's outputs."""
-    path = Path(out_dir) / "resolved_config.yaml"
+def write_resolved_config(cfg: ExperimentConfig, path: str | os.PathLike) -> Path:
+    """Save the resolved config (YAML) atomically at ``path`` (a stage's ``resolved_config.yaml``,
+    :meth:`lsgm.runs.RunLayout.resolved_config`)."""
+    path = Path(path)
     atomic_write_text(path, dump_config(cfg))
     return path
 
 
 def config_from_dict(raw: dict, where: str = "<checkpoint>") -> ExperimentConfig:
-    """Rebuild a config from :func:`config_to_dict` output (e.g. stored in a checkpoint)."""
-    cfg = _build(ExperimentConfig, raw, where)
+    """Rebuild a config from :func:`config_to_dict` output (e.g. stored in a checkpoint); keys of
+    :data:`REMOVED_KEYS` that older files carry are dropped."""
+    cfg = _build(ExperimentConfig, raw, where, drop_removed=True)
     _cross_check(cfg, where)
     return cfg

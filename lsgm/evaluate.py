@@ -13,30 +13,28 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lsgm.atomic import atomic_path, atomic_write_text
+from lsgm.atomic import atomic_path, atomic_write_json
 from lsgm.config import ExperimentConfig, config_hash, write_resolved_config
+from lsgm.device import resolve_device
+from lsgm.provenance import git_commit, sha256_or_none
+from lsgm.runs import VAE_STAGE, RunLayout, prepared_dir
+from lsgm.stats import bits_per_dim, mean_and_stderr
 
 __all__ = [
     "NLL_MODELS",
-    "bits_per_dim",
     "eval_nll_experiment",
-    "git_commit",
     "image_nelbo_terms",
-    "mean_and_stderr",
     "model_path",
-    "resolve_device",
     "sample_experiment",
     "save_image_grid",
     "solver_method",
@@ -48,27 +46,6 @@ _SOLVER_METHODS = {"dopri5": "dopri5", "scipy_rk45": "scipy_solver", "scipy_solv
 
 
 # --------------------------------------------------------------------------------------------- small helpers
-def bits_per_dim(nats: float | np.ndarray, num_dims: int) -> float | np.ndarray:
-    """bits/dim = nats / (ln 2 · D) (spec conventions, §7.1 step 4).
-
-    Args:
-        nats: value(s) in nats per image.
-        num_dims: D, the number of modelled dimensions (784 for cropped 28×28, 3072 for CIFAR-10).
-    """
-    if int(num_dims) < 1:
-        raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
-    return nats / (math.log(2.0) * int(num_dims))
-
-
-def mean_and_stderr(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """Mean and standard error ``std(ddof=1)/sqrt(n)`` over images (stderr NaN for a single value)."""
-    v = np.asarray(values, dtype=np.float64).ravel()
-    if v.size == 0:
-        raise ValueError("values is empty; need at least one image")
-    stderr = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
-    return float(v.mean()), stderr
-
-
 def solver_method(name: str) -> str:
     """Map a config ODE method (``dopri5`` | ``scipy_rk45``) to the solver name of :mod:`lsgm.sampling`."""
     if name not in _SOLVER_METHODS:
@@ -76,39 +53,11 @@ def solver_method(name: str) -> str:
     return _SOLVER_METHODS[name]
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; otherwise the named device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def model_path(cfg: ExperimentConfig, run_root: str | os.PathLike, model: str) -> Path:
-    """``<run_root>/<exp>/vae/model.pt`` (stage 1) or ``<run_root>/<exp>/<final prior stage>/model.pt``."""
+    """``model.pt`` of stage 1 (``model="vae"``) or of the final prior stage (``model="lsgm"``)."""
     if model not in NLL_MODELS:
         raise ValueError(f"model={model!r} is not allowed; allowed: {', '.join(NLL_MODELS)}")
-    stage = "vae" if model == "vae" else cfg.final_prior_stage
-    return Path(run_root) / cfg.name / stage / "model.pt"
-
-
-def git_commit(repo: str | os.PathLike | None = None) -> str | None:
-    """``git rev-parse HEAD`` of the repository holding this package (None when not a git checkout)."""
-    repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
-
-
-def _sha256_or_none(path: Path) -> str | None:
-    from lsgm.checkpoint import sha256_file
-
-    return sha256_file(path) if path.is_file() else None
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    return RunLayout(run_root, cfg.name).model(VAE_STAGE if model == "vae" else cfg.final_prior_stage)
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -202,10 +151,10 @@ def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int
             bar.set_postfix(nfe=res.nfe)
     m.vae.eval()
     samples = torch.cat(images).numpy()
-    out_dir = Path(run_root) / cfg.name / "sample"
-    _save_npz(out_dir / "samples.npz", images=samples)
-    save_image_grid(samples, out_dir / "grid.png", nrow=sc.grid_size)
-    write_resolved_config(cfg, out_dir)
+    layout = RunLayout(run_root, cfg.name)
+    _save_npz(layout.samples, images=samples)
+    save_image_grid(samples, layout.grid, nrow=sc.grid_size)
+    write_resolved_config(cfg, layout.sample_config)
     nfe_mean, nfe_std = float(np.mean(nfes)), float(np.std(nfes))
     stats = {
         "num_samples": n, "batch_size": sc.batch_size, "num_batches": len(nfes), "shape": list(samples.shape[1:]),
@@ -220,8 +169,8 @@ def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int
         "command": f"lsgm sample {cfg.name} --run-root {run_root}"
                    + (f" --num-samples {n}" if num_samples is not None else ""),
     }
-    _write_json(out_dir / "sample_stats.json", stats)
-    print(f"{n} samples, NFE {nfe_mean:.1f} ± {nfe_std:.1f} per batch -> {out_dir}")
+    atomic_write_json(layout.sample_stats, stats)
+    print(f"{n} samples, NFE {nfe_mean:.1f} ± {nfe_std:.1f} per batch -> {layout.sample_dir}")
     return stats
 
 
@@ -288,7 +237,7 @@ def eval_nll_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Pat
     Returns:
         The dict written to the JSON file.
     """
-    from lsgm.data.loader import preprocess
+    from lsgm.data.loader import to_model_input
     from lsgm.likelihood import ode_nll
 
     ec = cfg.eval_nll
@@ -314,9 +263,7 @@ def eval_nll_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Pat
     with tqdm(total=draws * n * k_iw, desc=f"eval-nll {cfg.name} ({model})", unit="img") as bar:
         for d in range(draws):
             for idx in batches:
-                x01 = preprocess(split.batch(idx), max_value=split.max_value, binarize=cfg.data.binarize,
-                                 num_x_bits=cfg.data.num_x_bits, flip=False, generator=data_gen)
-                x = (2.0 * x01 - 1.0).to(device)
+                x = to_model_input(split, idx, cfg.data, data_gen, device, flip=False)
                 for k in range(k_iw):
                     terms, nfe = image_nelbo_terms(m.vae, x, prior_nll_fn=prior_fn, generator=enc_gen)
                     if prior_fn is not None:
@@ -329,8 +276,8 @@ def eval_nll_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Pat
     result = _summarise_nll(cfg, terms_all, k_iw)
     result.update(_nll_protocol(cfg, model, path, m, Path(run_root), Path(data_root), n, draws, nfes, device))
     result["seconds"] = time.perf_counter() - start
-    out = Path(run_root) / cfg.name / "eval" / f"nll_{model}.json"
-    _write_json(out, result)
+    out = RunLayout(run_root, cfg.name).nll(model)
+    atomic_write_json(out, result)
     print(f"{model} NLL {result['nll_nats']:.3f} ± {result['nll_nats_stderr']:.3f} nats "
           f"({result['bits_per_dim']:.4f} bits/dim, D={result['num_dims']}) -> {out}")
     return result
@@ -381,7 +328,7 @@ def _nll_protocol(cfg: ExperimentConfig, model: str, path: Path, m, run_root: Pa
         "checkpoint": str(path), "checkpoint_step": m.step, "stage": m.stage,
         "use_ema": bool(ec.use_ema and model == "lsgm"), "device": str(device), "dtype": "float32",
         "commit": git_commit(), "params_hash": config_hash(sections),
-        "data_manifest_sha256": _sha256_or_none(data_root / cfg.data.dataset / "manifest.json"),
+        "data_manifest_sha256": sha256_or_none(prepared_dir(cfg.data.dataset, data_root) / "manifest.json"),
         "command": f"lsgm eval-nll {cfg.name} --model {model} --run-root {run_root} --data-root {data_root}",
     }
     if model == "lsgm":

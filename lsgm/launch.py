@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from lsgm.config import ExperimentConfig, ResourceConfig, load_experiment
+from lsgm.stages import LAUNCHABLE, verb_of
 
 __all__ = ["STAGE_VERBS", "SlurmAllocation", "expand_nodelist", "slurm_hostnames", "find_allocation",
            "rendezvous_port", "launch_command", "launch", "add_launch_arguments", "run_launch"]
 
-#: resource stage (``resources:`` key, Snakemake rule) -> ``lsgm`` CLI verb it runs
-STAGE_VERBS: dict[str, str] = {"train_vae": "train-vae", "train_lsgm": "train-lsgm", "sample": "sample",
-                               "eval_nll": "eval-nll", "eval_fid": "eval-fid", "fid_stats": "fid-stats"}
+#: launchable stage (``resources:`` key, Snakemake rule) -> ``lsgm`` CLI verb it runs (from lsgm/stages.py)
+STAGE_VERBS: dict[str, str] = {stage: verb_of(stage) for stage in LAUNCHABLE}
 RDZV_PORT_BASE = 29500
 RDZV_PORT_SPAN = 1000
 

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lsgm.choices import PROBE_MODES, PROBES, TRACES, check_choice
 from lsgm.sampling import odeint_options, probability_flow_drift, solve_ode
 from lsgm.score import EpsFn
 from lsgm.sde import SDE
@@ -36,9 +37,6 @@ __all__ = [
     "standard_normal_logp",
 ]
 
-TRACES = ("hutchinson", "exact")
-PROBES = ("gaussian", "rademacher")
-PROBE_MODES = ("fixed", "fresh")
 
 
 class NLLResult(NamedTuple):
@@ -153,11 +151,6 @@ def _joint_rms_norm(tensors: tuple[Tensor, ...]) -> Tensor:
     return (total / sum(x.numel() for x in tensors)).sqrt()
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
-
-
 @torch.no_grad()
 def ode_nll(
     eps_fn: EpsFn,
@@ -195,9 +188,9 @@ def ode_nll(
     Returns:
         :class:`NLLResult` ``(nll_nats (B,), nfe, settings)``.
     """
-    _check_choice("trace", trace, TRACES)
-    _check_choice("probe", probe, PROBES)
-    _check_choice("probe_mode", probe_mode, PROBE_MODES)
+    check_choice("trace", trace, TRACES)
+    check_choice("probe", probe, PROBES)
+    check_choice("probe_mode", probe_mode, PROBE_MODES)
     odeint_options(method, torch.tensor(1.0))  # validates method
     if not 0.0 < ode_eps < 1.0:
         raise ValueError(f"ode_eps must satisfy 0 < ode_eps < 1, got {ode_eps!r}")

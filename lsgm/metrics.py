@@ -28,9 +28,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lsgm.checkpoint import atomic_torch_save, sha256_file
-from lsgm.atomic import atomic_write_text
+from lsgm.atomic import atomic_write_json
+from lsgm.checkpoint import atomic_torch_save
 from lsgm.config import ExperimentConfig, config_hash
+from lsgm.device import resolve_device
+from lsgm.provenance import git_commit, sha256_file, sha256_or_none
+from lsgm.runs import RunLayout, fid_stats_file, prepared_dir
 
 __all__ = [
     "FEATURE_EXTRACTOR",
@@ -47,7 +50,6 @@ __all__ = [
     "reference_images",
     "reference_statistics",
     "require_inception_weights",
-    "sha256_file",
 ]
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
@@ -93,8 +95,7 @@ def default_reference_stats_path(cfg: ExperimentConfig, data_root: str | os.Path
     ``<data_root>/../fid_stats/<dataset>-<split>.pt`` (``data/fid_stats/cifar10-train.pt``): one file per dataset
     and reference split, shared by every experiment on that dataset.
     """
-    tag = cfg.data.fid_reference.replace("+", "_")
-    return Path(data_root).parent / "fid_stats" / f"{cfg.data.dataset}-{tag}.pt"
+    return fid_stats_file(cfg.data.dataset, cfg.data.fid_reference, data_root)
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -163,8 +164,7 @@ def reference_images(cfg: ExperimentConfig, data_root: str | os.PathLike) -> tup
 
 
 def _manifest_sha256(data_root: str | os.PathLike, dataset: str) -> Optional[str]:
-    path = Path(data_root) / dataset / "manifest.json"
-    return sha256_file(path) if path.is_file() else None
+    return sha256_or_none(prepared_dir(dataset, data_root) / "manifest.json")
 
 
 # --------------------------------------------------------------------------------------------- torch-fidelity
@@ -303,7 +303,8 @@ def compute_sample_metrics(samples: torch.Tensor, *, reference_stats_path: str |
 
 # --------------------------------------------------------------------------------------------- CLI verbs
 def _use_cuda(cfg: ExperimentConfig) -> bool:
-    return cfg.engine.device != "cpu" and torch.cuda.is_available()
+    """torch-fidelity's ``cuda`` flag from the one device rule (``engine.device: cuda`` without CUDA fails here)."""
+    return resolve_device(cfg.engine.device).type == "cuda"
 
 
 def reference_statistics(cfg: ExperimentConfig, *, data_root: Path, out: Path) -> Path:
@@ -314,10 +315,11 @@ def reference_statistics(cfg: ExperimentConfig, *, data_root: Path, out: Path) -
         data_root: prepared datasets root (``data/prepared``).
         out: output file (torch-fidelity's ``{'mu', 'sigma'}`` format; DVC tracks it).
     """
+    cuda = _use_cuda(cfg)  # the device rule first, like every stage
     weights = require_inception_weights(cfg.eval_fid.weights_path)
     images, info = reference_images(cfg, data_root)
     stats = compute_fid_statistics(images, weights_path=weights, batch_size=cfg.eval_fid.batch_size,
-                                   cuda=_use_cuda(cfg), verbose=True)
+                                   cuda=cuda, verbose=True)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"mu": stats["mu"], "sigma": stats["sigma"]}, out)
@@ -340,8 +342,9 @@ def eval_fid_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Pat
     """
     if not cfg.eval_fid.enabled:
         raise ValueError(f"eval_fid.enabled is false for experiment {cfg.name!r}; enable it in its params file")
-    run_dir = Path(run_root) / cfg.name
-    samples_path = run_dir / "sample" / "samples.npz"
+    cuda = _use_cuda(cfg)  # the device rule first, like every stage
+    layout = RunLayout(run_root, cfg.name)
+    samples_path = layout.samples
     if not samples_path.is_file():
         raise FileNotFoundError(f"{samples_path}: no samples; run `lsgm sample {cfg.name}` first")
     with np.load(samples_path) as npz:
@@ -353,11 +356,9 @@ def eval_fid_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Pat
     metrics = compute_sample_metrics(samples, reference_stats_path=stats_path, weights_path=weights,
                                      reference=reference, isc=cfg.eval_fid.isc, kid=cfg.eval_fid.kid,
                                      kid_subset_size=cfg.eval_fid.kid_subset_size,
-                                     batch_size=cfg.eval_fid.batch_size, cuda=_use_cuda(cfg), verbose=True)
-    from lsgm.evaluate import git_commit
-
+                                     batch_size=cfg.eval_fid.batch_size, cuda=cuda, verbose=True)
     weights_sha = sha256_file(weights)
-    sample_stats = _read_json(run_dir / "sample" / "sample_stats.json")
+    sample_stats = _read_json(layout.sample_stats)
     result = {
         **metrics,
         "num_samples": int(samples.shape[0]),
@@ -383,8 +384,8 @@ def eval_fid_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Pat
         "data_manifest_sha256": _manifest_sha256(data_root, cfg.data.dataset),
         "command": f"lsgm eval-fid {cfg.name} --run-root {run_root} --data-root {data_root}",
     }
-    out = run_dir / "eval" / "fid.json"
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    out = layout.fid
+    atomic_write_json(out, result)
     print(f"FID {result['fid']:.4g} ({result['num_samples']} samples) -> {out}")
     return result
 

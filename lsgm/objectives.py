@@ -19,11 +19,12 @@ density ``r(t)`` of ``t``; ``σ1² = σ²(1)``, ``σe² = σ²(time_eps)``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from lsgm.choices import COMPAT_MODES, IW_MODES, IW_Q_MODES, LIKELIHOOD_MODES, check_choice, check_mode_sde
 from lsgm.score import EpsFn, broadcast_per_sample
 from lsgm.sde import SDE, VPSDE
 
@@ -31,8 +32,12 @@ __all__ = [
     "COMPAT_MODES",
     "IW_MODES",
     "IW_Q_MODES",
+    "Backward",
     "JointLoss",
     "LSGMObjective",
+    "ROUTE_Q",
+    "ROUTE_SPLIT",
+    "ROUTE_SUM",
     "TimeSample",
     "cross_entropy_const",
     "cross_entropy_elem",
@@ -43,18 +48,6 @@ __all__ = [
     "sgm_objective",
 ]
 
-IW_MODES = (
-    "ll_uniform",
-    "ll_iw",
-    "drop_all_uniform",
-    "drop_all_iw",
-    "drop_sigma2t_iw",
-    "drop_sigma2t_uniform",
-    "rescale_iw",
-)
-IW_Q_MODES = ("reweight_p_samples", "ll_uniform", "ll_iw")
-COMPAT_MODES = ("exact", "official")
-_LIKELIHOOD_MODES = ("ll_uniform", "ll_iw")
 
 
 class TimeSample(NamedTuple):
@@ -66,11 +59,6 @@ class TimeSample(NamedTuple):
     weight_p: Tensor
     weight_ll: Tensor
     g2_t: Tensor
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
 
 
 def _check_time_eps(time_eps: float) -> None:
@@ -94,7 +82,7 @@ def drop_all_iw_normalizer(sde: VPSDE, time_eps: float, compat: str = "exact") -
         time_eps: lower cut-off ε_t of t.
         compat: ``"exact"`` or ``"official"``.
     """
-    _check_choice("compat", compat, COMPAT_MODES)
+    check_choice("compat", compat, COMPAT_MODES)
     delta = 0.5 * (sde.beta_max - sde.beta_min)
     b = sde.beta_min / (sde.beta_max - sde.beta_min)
     e1 = math.erf(math.sqrt(delta) * (time_eps + b))
@@ -142,8 +130,8 @@ def sample_t(sde: SDE, mode: str, rho: Tensor, time_eps: float, compat: str = "e
     Returns:
         :class:`TimeSample` with fields ``t, var_t, mean_coef_t, weight_p, weight_ll, g2_t``, each ``(B,)``.
     """
-    _check_choice("mode", mode, IW_MODES)
-    _check_choice("compat", compat, COMPAT_MODES)
+    check_choice("mode", mode, IW_MODES)
+    check_choice("compat", compat, COMPAT_MODES)
     _check_time_eps(time_eps)
     # σe², σ1² as Python floats from float64 CPU arithmetic: exact, and no device synchronisation
     var_e, var_1 = _var_at(sde, time_eps), _var_at(sde, 1.0)
@@ -162,8 +150,7 @@ def sample_t(sde: SDE, mode: str, rho: Tensor, time_eps: float, compat: str = "e
         var_t = rho * var_1 + (1.0 - rho) * var_e
         t = sde.inv_var(var_t)
     elif mode == "drop_all_iw":
-        if not isinstance(sde, VPSDE):
-            raise ValueError(f"mode='drop_all_iw' requires the 'vpsde' SDE (closed-form proposal), got {sde!r}")
+        check_mode_sde(mode, sde.kind, "mode")
         t = _drop_all_iw_t(sde, rho, time_eps)
         var_t = None
     else:  # uniform-t modes
@@ -217,7 +204,7 @@ def cross_entropy_const(sde: SDE, time_eps: float, compat: str = "exact") -> flo
     Raises:
         ValueError: if ``σ²(time_eps) = 0`` (e.g. VPSDE with σ0² = 0 and time_eps = 0).
     """
-    _check_choice("compat", compat, COMPAT_MODES)
+    check_choice("compat", compat, COMPAT_MODES)
     _check_time_eps(time_eps)
     var_e = _var_at(sde, time_eps)
     if var_e <= 0.0:
@@ -300,36 +287,55 @@ def _draw(kind: str, shape: tuple[int, ...], like: Tensor, generator: torch.Gene
     return fn(shape, generator=generator, device=device, dtype=dtype).to(like.device)
 
 
+class Backward(NamedTuple):
+    """One backward pass of a training step: differentiate ``loss`` into ``inputs`` (None: every leaf that needs a
+    gradient), keeping the graph if ``retain_graph`` (a later pass of the same step reuses it)."""
+
+    loss: Tensor
+    inputs: Optional[Sequence[Tensor]] = None
+    retain_graph: bool = False
+
+
+# How a joint step's two losses reach the parameters (see JointLoss.backward_terms)
+ROUTE_Q = "q"  # p and q share one objective: the q loss trains encoder, decoder and SGM
+ROUTE_SUM = "sum"  # one-backward fast path: q's cross-entropy gradient rides on p's graph (scale_grad)
+ROUTE_SPLIT = "split"  # q loss into the VAE parameters, p loss into the SGM parameters
+
+
 class JointLoss(NamedTuple):
-    """Result of :meth:`LSGMObjective.joint` (spec §4.5 joint).
+    """Result of :meth:`LSGMObjective.joint` (docs/algorithm.md §4.5 joint).
 
     Attributes:
-        p_obj: ``(B,)`` SGM objective, from a detached z0 unless ``same_objective``.
-        ce_elem: ``(B, C, H, W)`` per-element cross-entropy incl. the constant; gradients reach the encoder.
-        same_objective: True if p and q optimise the same objective: then backward of the q loss alone
-            trains the SGM (``p_obj`` shares its graph and is for logging only).
-        ce_grad_in_p: True (``joint(..., single_pass=True, ce_coeff=β)``): ``ce_elem`` is a detached value and
-            its gradient into the encoder rides on ``p_obj``'s graph, so ONE unrestricted backward of
-            ``q_loss + p_loss`` gives exactly the gradients of the restricted pair (see :meth:`LSGMObjective.joint`).
+        p_obj: ``(B,)`` SGM objective.
+        ce_elem: ``(B, C, H, W)`` per-element cross-entropy incl. the constant; its gradient reaches the encoder.
+        route: how the two losses are back-propagated (:data:`ROUTE_Q`, :data:`ROUTE_SUM`, :data:`ROUTE_SPLIT`);
+            the training loop never reads it: it runs :meth:`backward_terms`.
 
-    Gradient routing when ``same_objective`` is False: p's inputs come from ``z0.detach()``, so the
-    gradient of ``p_obj`` w.r.t. the encoder is exactly zero. With the default concatenated forward, however,
-    ``p_obj`` and ``ce_elem`` share one SGM graph, so autograd would still *traverse* the encoder when
-    back-propagating ``p_obj``: take both gradients before any optimiser step (e.g.
-    ``torch.autograd.grad(q_loss, vae_params, retain_graph=True)`` then
-    ``torch.autograd.grad(p_loss, sgm_params)``, or ``backward(inputs=...)``), never after the VAE
-    parameters were updated in place (spec §11 item 13). ``LSGMObjective(..., concat_forward=False)``
-    gives two independent graphs instead (same FLOPs, two SGM calls).
-
-    With ``joint(..., single_pass=True)`` (``reweight_p_samples`` only) ``p_obj`` and ``ce_elem`` come from ONE
-    SGM evaluation of size B on the attached ``z_t``: ``p_obj`` then *does* depend on the encoder, so the caller
-    must restrict each backward (``q`` into the VAE parameters only, ``p`` into the SGM parameters only).
+    Gradient routing with different p and q objectives (:data:`ROUTE_SPLIT`): p's inputs come from ``z0.detach()``
+    (or, with ``single_pass``, from the attached ``z_t``), so the q loss must reach only the VAE parameters and the
+    p loss only the SGM parameters; both gradients are taken before any optimiser step, never after the VAE
+    parameters were updated in place (docs/algorithm.md §11 item 13).
     """
 
     p_obj: Tensor
     ce_elem: Tensor
-    same_objective: bool
-    ce_grad_in_p: bool = False
+    route: str
+
+    def backward_terms(self, q_loss: Tensor, p_loss: Tensor, q_params: Sequence[Tensor],
+                       p_params: Sequence[Tensor]) -> list[Backward]:
+        """The backward passes that give each network exactly its objective's gradient.
+
+        Args:
+            q_loss: the encoder/decoder loss built from ``ce_elem`` (NELBO with the cross-entropy term).
+            p_loss: the SGM loss built from ``p_obj`` (same batch normalisation as ``q_loss``).
+            q_params: the VAE's trainable parameters.
+            p_params: the SGM prior's trainable parameters.
+        """
+        if self.route == ROUTE_Q:
+            return [Backward(q_loss)]
+        if self.route == ROUTE_SUM:  # ce is a detached value here; its encoder gradient comes through p_obj
+            return [Backward(q_loss + p_loss)]
+        return [Backward(q_loss, list(q_params), True), Backward(p_loss, list(p_params))]
 
 
 class LSGMObjective:
@@ -357,12 +363,11 @@ class LSGMObjective:
         compat: str = "exact",
         concat_forward: bool = True,
     ):
-        _check_choice("iw_sample_p", iw_sample_p, IW_MODES)
-        _check_choice("iw_sample_q", iw_sample_q, IW_Q_MODES)
-        _check_choice("compat", compat, COMPAT_MODES)
+        check_choice("iw_sample_p", iw_sample_p, IW_MODES)
+        check_choice("iw_sample_q", iw_sample_q, IW_Q_MODES)
+        check_choice("compat", compat, COMPAT_MODES)
         _check_time_eps(time_eps)
-        if iw_sample_p == "drop_all_iw" and not isinstance(sde, VPSDE):
-            raise ValueError(f"iw_sample_p='drop_all_iw' requires the 'vpsde' SDE, got {sde!r}")
+        check_mode_sde(iw_sample_p, sde.kind)
         self.sde, self.iw_sample_p, self.iw_sample_q = sde, iw_sample_p, iw_sample_q
         self.time_eps, self.compat, self.concat_forward = float(time_eps), compat, bool(concat_forward)
         self.ce_const = cross_entropy_const(sde, self.time_eps, compat)
@@ -370,7 +375,7 @@ class LSGMObjective:
     @property
     def same_objective(self) -> bool:
         """True iff p and q optimise the same (likelihood) objective (spec §4.3, last bullet)."""
-        return self.iw_sample_p in _LIKELIHOOD_MODES and self.iw_sample_q == "reweight_p_samples"
+        return self.iw_sample_p in LIKELIHOOD_MODES and self.iw_sample_q == "reweight_p_samples"
 
     def sample_t(self, mode: str, batch: int, like: Tensor, generator: torch.Generator | None) -> TimeSample:
         """Draw ``ρ ~ U[0,1)`` of shape ``(batch,)`` from ``generator`` and apply :func:`sample_t` (spec §4.3)."""
@@ -385,12 +390,12 @@ class LSGMObjective:
         is evaluated once on ``[z_t^p(z0.detach()), z_t^q(z0)]``. With ``reweight_p_samples`` and
         different objectives, p and q share t and ε, and the batch ``[z_t(z0.detach()), z_t(z0)]`` is
         evaluated once (identical inputs; only the gradient routes differ). With the same objective
-        one evaluation of size B serves both. See :class:`JointLoss` for how to back-propagate.
+        one evaluation of size B serves both. :meth:`JointLoss.backward_terms` says how to back-propagate.
 
         ``single_pass=True`` (fast path, ``reweight_p_samples`` only): the 2B batch's two halves have identical
         values, so one SGM call of size B on the attached ``z_t`` gives both losses. The gradients are exactly
-        those of the 2B path **provided the caller back-propagates the q loss into the VAE parameters only and
-        the p loss into the SGM parameters only** (``backward(inputs=...)``): ∂p_obj/∂θ_SGM does not depend on
+        those of the 2B path because :meth:`JointLoss.backward_terms` back-propagates the q loss into the VAE
+        parameters only and the p loss into the SGM parameters only: ∂p_obj/∂θ_SGM does not depend on
         whether ``z_t`` is detached, and ∂ce/∂θ_VAE is the q half's. Besides halving the SGM's forward and
         backward, the p backward no longer traverses the encoder. With dropout in the SGM, p and q share one
         dropout mask instead of two independent ones (each term's gradient has the same distribution; the
@@ -402,8 +407,8 @@ class LSGMObjective:
         — *provided the SGM treats samples independently* (no BatchNorm; GroupNorm and dropout are fine). The SGM
         therefore sees ``scale_grad(z_t, r)``: the backward of ``p_loss`` gives the SGM parameters p's gradient
         and, scaled by r at ``z_t``, the encoder q's cross-entropy gradient. ``ce_elem`` is returned detached and
-        ``ce_grad_in_p`` is True: ONE unrestricted backward of ``q_loss + p_loss`` replaces the restricted pair and
-        the SGM backward runs once instead of twice. Every mode's weights are positive for t > 0 (σ_t² < 1 by
+        the route is :data:`ROUTE_SUM`: ONE unrestricted backward of ``q_loss + p_loss`` replaces the restricted
+        pair and the SGM backward runs once instead of twice. Every mode's weights are positive for t > 0 (σ_t² < 1 by
         construction); where ``w_p = 0`` (``g² = 0``) ``w_ll`` is 0 as well, and the ratio is set to 0.
 
         Args:
@@ -430,7 +435,7 @@ class LSGMObjective:
             eps_pred = eps_fn(diffuse(z0, eps, ts_p), ts_p.t)
             p_obj = sgm_objective(eps_pred, eps, ts_p.weight_p)
             ce = cross_entropy_elem(eps_pred, eps, ts_p.weight_ll, self.ce_const)
-            return JointLoss(p_obj, ce, True)
+            return JointLoss(p_obj, ce, ROUTE_Q)
         if single_pass and ce_coeff is not None:
             # w_p = 0 happens only where g² = 0 (ll_uniform / drop_sigma2t_uniform at t = 0 with β_min = 0), and
             # there w_ll = 0 too: ratio 0 is exact, and torch.where keeps it free of a host-device sync
@@ -439,11 +444,11 @@ class LSGMObjective:
             eps_pred = eps_fn(scale_grad(diffuse(z0, eps, ts_p), ratio), ts_p.t)
             p_obj = sgm_objective(eps_pred, eps, w_p)
             ce = cross_entropy_elem(eps_pred.detach(), eps, w_ll, self.ce_const)
-            return JointLoss(p_obj, ce, False, True)
+            return JointLoss(p_obj, ce, ROUTE_SUM)
         if single_pass:
             eps_pred = eps_fn(diffuse(z0, eps, ts_p), ts_p.t)
             p_obj = sgm_objective(eps_pred, eps, ts_p.weight_p)
-            return JointLoss(p_obj, cross_entropy_elem(eps_pred, eps, ts_p.weight_ll, self.ce_const), False)
+            return JointLoss(p_obj, cross_entropy_elem(eps_pred, eps, ts_p.weight_ll, self.ce_const), ROUTE_SPLIT)
         ts_q = ts_p if self.iw_sample_q == "reweight_p_samples" else self.sample_t(self.iw_sample_q, b, z0, generator)
         z_t_p, z_t_q = diffuse(z0.detach(), eps, ts_p), diffuse(z0, eps, ts_q)
         if self.concat_forward:
@@ -452,7 +457,7 @@ class LSGMObjective:
             eps_pred_p, eps_pred_q = eps_fn(z_t_p, ts_p.t), eps_fn(z_t_q, ts_q.t)
         p_obj = sgm_objective(eps_pred_p, eps, ts_p.weight_p)
         ce = cross_entropy_elem(eps_pred_q, eps, ts_q.weight_ll, self.ce_const)
-        return JointLoss(p_obj, ce, False)
+        return JointLoss(p_obj, ce, ROUTE_SPLIT)
 
     def q_only(self, eps_fn: EpsFn, z0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Disjoint training, VAE step: ``ce_elem`` from q's own t batch and fresh ε (spec §4.5 disjoint 2).
@@ -466,9 +471,9 @@ class LSGMObjective:
         Raises:
             ValueError: if ``iw_sample_q`` is ``reweight_p_samples`` (disjoint training needs its own q mode).
         """
-        if self.iw_sample_q not in _LIKELIHOOD_MODES:
+        if self.iw_sample_q not in LIKELIHOOD_MODES:
             raise ValueError(
-                f"disjoint training requires iw_sample_q in {list(_LIKELIHOOD_MODES)}, got {self.iw_sample_q!r}"
+                f"disjoint training requires iw_sample_q in {list(LIKELIHOOD_MODES)}, got {self.iw_sample_q!r}"
             )
         eps = _draw("randn", tuple(z0.shape), z0, generator)
         ts = self.sample_t(self.iw_sample_q, z0.shape[0], z0, generator)

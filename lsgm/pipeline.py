@@ -29,20 +29,26 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
-from lsgm.config import (ExperimentConfig, ResourceConfig, config_to_dict, default_experiments, dump_config,
-                         experiment_file, list_experiments, load_experiment)
+from lsgm.config import (RESOLVED_PARAMS, ExperimentConfig, ResourceConfig, config_to_dict, default_experiments,
+                         dump_config, experiment_file, list_experiments, load_experiment)
+from lsgm.runs import (RESERVED_STAGE_NAMES, RUNS_ROOT, VAE_STAGE, RunLayout, fid_reference_tag, fid_stats_file,
+                       prepared_dir)
+from lsgm.stages import STAGES
 
 __all__ = ["Kind", "Stage", "Pipeline", "KINDS", "build_pipeline", "launcher", "slurm_resources",
            "module_deps", "section_values", "dvc_documents", "expected_files", "main"]
 
-RESERVED_STAGE_NAMES = ("vae", "sample", "eval", "checkpoints", "dvclive")
 LOG_DIR = "logs"
 BENCHMARK_DIR = "benchmarks/out"
-RUN = "data/runs/{exp}"
+_RUN = RunLayout(RUNS_ROOT, "{exp}")  # the run layout with the experiment left as a template field
+
+
+def _p(path: Path) -> str:
+    return path.as_posix()
 
 
 @dataclass(frozen=True)
@@ -64,42 +70,42 @@ class Kind:
     persist: tuple[str, ...] = ()  # resumable run-directory state: DVC persist, never a Snakemake output
     params: tuple[str, ...] = ()  # dotted config keys (templates), e.g. "prior.{stage}"
     module: str = ""  # library module the CLI verb runs (its lsgm imports become deps)
-    resource_stage: str = ""  # key of ExperimentConfig.resources
     log_redirect: str = " > {log} 2>&1"
 
 
+_PREPARED = _p(prepared_dir("{dataset}"))
+_FID_STATS = _p(fid_stats_file("{dataset}", "{split}"))
+
 KINDS: dict[str, Kind] = {k.name: k for k in [
-    Kind("resolve_config", ("exp",), "lsgm config show {exp} > params/resolved/{exp}.yaml",
-         deps=("{params_file}", "params/fragments"), outs_git=("params/resolved/{exp}.yaml",),
-         module="lsgm.config", resource_stage="prepare", log_redirect=" 2> {log}"),
-    Kind("prepare", ("dataset",), "lsgm prepare {dataset}", outs=("data/prepared/{dataset}",),
-         module="lsgm.data.prepare", resource_stage="prepare"),
-    Kind("fid_stats", ("dataset", "split"), "lsgm fid-stats {exp} --out data/fid_stats/{dataset}-{split}.pt",
-         deps=("data/prepared/{dataset}",), outs=("data/fid_stats/{dataset}-{split}.pt",),
-         params=("data", "eval_fid"), module="lsgm.metrics", resource_stage="fid_stats"),
-    Kind("train_vae", ("exp",), "{lsgm} train-vae {exp}", deps=("data/prepared/{dataset}",),
-         outs=(RUN + "/vae/model.pt",), metrics=(RUN + "/vae/metrics.json",),
-         persist=(RUN + "/vae/checkpoints", RUN + "/vae/dvclive"),
-         params=("data", "vae", "train_vae", "engine.precision"), module="lsgm.train", resource_stage="train_vae"),
+    Kind("resolve_config", ("exp",), "lsgm resolve-config {exp}",
+         deps=("{params_file}", "params/fragments"), outs_git=(RESOLVED_PARAMS + "/{exp}.yaml",),
+         module="lsgm.config"),
+    Kind("prepare", ("dataset",), "lsgm prepare {dataset}", outs=(_PREPARED,), module="lsgm.data.prepare"),
+    Kind("fid_stats", ("dataset", "split"), "lsgm fid-stats {exp} --out " + _FID_STATS,
+         deps=(_PREPARED,), outs=(_FID_STATS,), params=("data", "eval_fid"), module="lsgm.metrics"),
+    Kind("train_vae", ("exp",), "{lsgm} train-vae {exp}", deps=(_PREPARED,),
+         outs=(_p(_RUN.model(VAE_STAGE)),), metrics=(_p(_RUN.metrics(VAE_STAGE)),),
+         persist=(_p(_RUN.checkpoints(VAE_STAGE)), _p(_RUN.dvclive(VAE_STAGE))),
+         params=("data", "vae", "train_vae", "engine.precision"), module="lsgm.train"),
     Kind("train_lsgm", ("exp", "stage"), "{lsgm} train-lsgm {exp} --stage {stage}",
-         deps=("data/prepared/{dataset}", RUN + "/{init_from}/model.pt"),
-         outs=(RUN + "/{stage}/model.pt",), metrics=(RUN + "/{stage}/metrics.json",),
-         persist=(RUN + "/{stage}/checkpoints", RUN + "/{stage}/dvclive"),
-         params=("data", "vae", "prior.{stage}", "engine.precision"), module="lsgm.train",
-         resource_stage="train_lsgm"),
-    Kind("sample", ("exp",), "lsgm sample {exp}", deps=(RUN + "/{final}/model.pt",),
-         outs=(RUN + "/sample/samples.npz",), metrics=(RUN + "/sample/sample_stats.json",),
-         plots=(RUN + "/sample/grid.png",), params=("sampling",), module="lsgm.evaluate", resource_stage="sample"),
+         deps=(_PREPARED, _p(_RUN.model("{init_from}"))),
+         outs=(_p(_RUN.model("{stage}")),), metrics=(_p(_RUN.metrics("{stage}")),),
+         persist=(_p(_RUN.checkpoints("{stage}")), _p(_RUN.dvclive("{stage}"))),
+         params=("data", "vae", "prior.{stage}", "engine.precision"), module="lsgm.train"),
+    Kind("sample", ("exp",), "lsgm sample {exp}", deps=(_p(_RUN.model("{final}")),),
+         outs=(_p(_RUN.samples),), metrics=(_p(_RUN.sample_stats),), plots=(_p(_RUN.grid),),
+         params=("sampling",), module="lsgm.evaluate"),
     Kind("eval_nll", ("exp", "model"), "lsgm eval-nll {exp} --model {model}",
-         deps=("data/prepared/{dataset}", RUN + "/{model_dir}/model.pt"), metrics=(RUN + "/eval/nll_{model}.json",),
-         params=("data", "eval_nll"), module="lsgm.evaluate", resource_stage="eval_nll"),
-    Kind("eval_fid", ("exp",), "lsgm eval-fid {exp}",
-         deps=(RUN + "/sample/samples.npz", "data/fid_stats/{dataset}-{split}.pt"),
-         metrics=(RUN + "/eval/fid.json",), params=("eval_fid",), module="lsgm.metrics", resource_stage="eval_fid"),
+         deps=(_PREPARED, _p(_RUN.model("{model_dir}"))), metrics=(_p(_RUN.nll("{model}")),),
+         params=("data", "eval_nll"), module="lsgm.evaluate"),
+    Kind("eval_fid", ("exp",), "lsgm eval-fid {exp}", deps=(_p(_RUN.samples), _FID_STATS),
+         metrics=(_p(_RUN.fid),), params=("eval_fid",), module="lsgm.metrics"),
     Kind("report", (), "lsgm report --experiments {experiments}",
          outs_git=("reports/results.md", "reports/results.csv", "reports/claims.md", "reports/figures"),
-         module="lsgm.report", resource_stage="report"),
+         module="lsgm.report"),
 ]}
+if tuple(KINDS) != STAGES:  # the stage list (lsgm/stages.py) is the one home of stage names and their order
+    raise RuntimeError(f"lsgm.pipeline.KINDS {list(KINDS)} != lsgm.stages.STAGES {list(STAGES)}")
 
 
 @dataclass(frozen=True)
@@ -246,13 +252,13 @@ class Pipeline:
         return self.configs[stage.exp]
 
     def resources(self, stage: Stage) -> ResourceConfig:
-        return self.config(stage).resource(KINDS[stage.kind].resource_stage)
+        return self.config(stage).resource(stage.kind)
 
 
 def _fields_per_instance(cfg: ExperimentConfig, root: Path) -> list[tuple[str, dict[str, str]]]:
     exp = cfg.name
     ds = cfg.data.dataset
-    split = cfg.data.fid_reference
+    split = fid_reference_tag(cfg.data.fid_reference)
     final = cfg.final_prior_stage
     base = {"exp": exp, "dataset": ds, "split": split, "final": final}
     for stage in cfg.prior:
@@ -269,14 +275,14 @@ def _fields_per_instance(cfg: ExperimentConfig, root: Path) -> list[tuple[str, d
                                    "lsgm": launcher(cfg.resource("train_lsgm"))}))
     out.append(("sample", base))
     out.append(("eval_nll", {**base, "model": "lsgm", "model_dir": final}))
-    out.append(("eval_nll", {**base, "model": "vae", "model_dir": "vae"}))
+    out.append(("eval_nll", {**base, "model": "vae", "model_dir": VAE_STAGE}))
     if cfg.eval_fid.enabled:
         out.append(("eval_fid", base))
     return out
 
 
 def _instance_key(kind: Kind, f: Mapping[str, str]) -> str:
-    return "-".join(f[w] for w in kind.wildcards).replace("+", "_")
+    return "-".join(f[w] for w in kind.wildcards)
 
 
 def _render(templates: Sequence[str], f: Mapping[str, str]) -> tuple[str, ...]:

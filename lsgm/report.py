@@ -23,12 +23,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from lsgm.atomic import atomic_write_text
 from lsgm.paper_results import METRIC_UNITS, PAPER_RESULTS, PaperResult
+from lsgm.runs import RunLayout
+from lsgm.stats import bits_per_dim
 
 __all__ = ["CSV_COLUMNS", "ReportRow", "collect_metrics", "report_rows", "write_report"]
 
@@ -38,8 +40,9 @@ CSV_COLUMNS = (
     "params_hash", "data_manifest_hash", "command", "note",
 )
 
-_FILES = {"nll_lsgm": "eval/nll_lsgm.json", "nll_vae": "eval/nll_vae.json", "fid": "eval/fid.json",
-          "sample": "sample/sample_stats.json"}
+_FILES: dict[str, Callable[[RunLayout], Path]] = {
+    "nll_lsgm": lambda r: r.nll("lsgm"), "nll_vae": lambda r: r.nll("vae"), "fid": lambda r: r.fid,
+    "sample": lambda r: r.sample_stats}
 # metric -> (source file, value key, stderr key); "vae_*" rows are the stage-1 VAE with its Normal prior
 _METRIC_SOURCES = {
     "nll_nats": ("nll_lsgm", "nll_nats", "nll_nats_stderr"),
@@ -111,8 +114,8 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
 
 def collect_metrics(run_root: str | os.PathLike, experiment: str) -> dict[str, dict[str, Any]]:
     """The metric files of one experiment that exist: keys ``nll_lsgm``, ``nll_vae``, ``fid``, ``sample``."""
-    base = Path(run_root) / experiment
-    found = {key: _read_json(base / rel) for key, rel in _FILES.items()}
+    layout = RunLayout(run_root, experiment)
+    found = {key: _read_json(path_of(layout)) for key, path_of in _FILES.items()}
     return {k: v for k, v in found.items() if v is not None}
 
 
@@ -308,7 +311,7 @@ def _claims_md(run_root: Path, experiments: Sequence[str]) -> str:
             if lsgm.get("normal_prior_nelbo_nats") is not None:
                 nn_, nse = lsgm["normal_prior_nelbo_nats"], lsgm.get("normal_prior_nelbo_nats_stderr")
                 rows.append(("LSGM's VAE with a Normal prior (diagnostic)", _fmt_pm(nn_, nse),
-                             _fmt_pm(nn_ / (d * math.log(2)), nse / (d * math.log(2)) if nse else None, 4),
+                             _fmt_pm(bits_per_dim(nn_, d), bits_per_dim(nse, d) if nse else None, 4),
                              lsgm.get("num_images"), lsgm.get("checkpoint")))
             lines += [_md_table(("model", "NLL bound (nats)", f"bits/dim (D={d})", "test images", "checkpoint"),
                                 rows), ""]
@@ -412,8 +415,8 @@ def _read_tsv(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     return np.asarray(steps), np.asarray(vals), cols[0] if cols else path.stem
 
 
-def _figure_training(stage_dir: Path, out: Path, title: str, max_panels: int = 12) -> Optional[Path]:
-    tsvs = sorted((stage_dir / "dvclive" / "plots" / "metrics").rglob("*.tsv"))[:max_panels]
+def _figure_training(live_dir: Path, out: Path, title: str, max_panels: int = 12) -> Optional[Path]:
+    tsvs = sorted((live_dir / "plots" / "metrics").rglob("*.tsv"))[:max_panels]
     series = [s for s in (_read_tsv(p) for p in tsvs) if s[0].size]
     if not series:
         return None
@@ -459,15 +462,14 @@ def _figure_nfe(metrics: dict[str, dict[str, Any]], out: Path, title: str) -> Op
 def _figures(run_root: Path, experiments: Sequence[str], fig_dir: Path) -> list[Path]:
     made: list[Path] = []
     for exp in experiments:
-        base = run_root / exp
-        if not base.is_dir():
+        layout = RunLayout(run_root, exp)
+        if not layout.base.is_dir():
             continue
         fig_dir.mkdir(parents=True, exist_ok=True)
-        grid = base / "sample" / "grid.png"
-        if grid.is_file():
-            made.append(_figure_samples(grid, fig_dir / f"{exp}_samples.png", f"{exp}: ODE samples"))
-        for stage_dir in sorted(p for p in base.iterdir() if (p / "dvclive").is_dir()):
-            fig = _figure_training(stage_dir, fig_dir / f"{exp}_{stage_dir.name}_training.png",
+        if layout.grid.is_file():
+            made.append(_figure_samples(layout.grid, fig_dir / f"{exp}_samples.png", f"{exp}: ODE samples"))
+        for stage_dir in layout.training_stage_dirs():
+            fig = _figure_training(layout.dvclive(stage_dir.name), fig_dir / f"{exp}_{stage_dir.name}_training.png",
                                    f"{exp} / {stage_dir.name}: training curves (DVCLive)")
             made += [fig] if fig else []
         fig = _figure_nfe(collect_metrics(run_root, exp), fig_dir / f"{exp}_nfe.png", f"{exp}: NFE per batch")

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lsgm.choices import SDE_PARAMS
+
 __all__ = ["SDE", "VPSDE", "GeometricVPSDE", "make_sde", "SDE_KINDS"]
 
 
@@ -40,6 +42,7 @@ class SDE(ABC):
     """
 
     sigma2_0: float
+    kind: str = ""  # name in lsgm.choices.SDE_PARAMS / the config's sde.kind
 
     @abstractmethod
     def g2(self, t: Tensor) -> Tensor:
@@ -89,6 +92,8 @@ class VPSDE(SDE):
         beta_max: β1 > β0 (README 20).
         sigma2_0: σ0² in [0, 1) (README 0).
     """
+
+    kind = "vpsde"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, sigma2_0: float = 0.0):
         beta_min, beta_max, sigma2_0 = float(beta_min), float(beta_max), float(sigma2_0)
@@ -159,6 +164,8 @@ class GeometricVPSDE(SDE):
         sigma2_0: σ0² in [0, 1) (README 3e-5 = σ²_min).
     """
 
+    kind = "geometric"
+
     def __init__(self, sigma2_min: float = 3e-5, sigma2_max: float = 0.999, sigma2_0: float = 3e-5):
         sigma2_min, sigma2_max, sigma2_0 = float(sigma2_min), float(sigma2_max), float(sigma2_0)
         if not 0.0 < sigma2_min < sigma2_max:
@@ -215,11 +222,7 @@ class GeometricVPSDE(SDE):
         return torch.log1p((var - self.sigma2_0) / self.sigma2_min) / self.log_r
 
 
-SDE_KINDS: dict[str, type[SDE]] = {"vpsde": VPSDE, "geometric": GeometricVPSDE}
-_SDE_PARAMS: dict[str, tuple[str, ...]] = {
-    "vpsde": ("beta_min", "beta_max", "sigma2_0"),
-    "geometric": ("sigma2_min", "sigma2_max", "sigma2_0"),
-}
+SDE_KINDS: dict[str, type[SDE]] = {cls.kind: cls for cls in (VPSDE, GeometricVPSDE)}
 
 
 def make_sde(kind: str, **params: Any) -> SDE:
@@ -238,9 +241,9 @@ def make_sde(kind: str, **params: Any) -> SDE:
     """
     if kind not in SDE_KINDS:
         raise ValueError(f"unknown SDE kind {kind!r}; allowed: {sorted(SDE_KINDS)}")
-    unknown = sorted(set(params) - set(_SDE_PARAMS[kind]))
+    unknown = sorted(set(params) - set(SDE_PARAMS[kind]))
     if unknown:
         raise ValueError(
-            f"unknown parameter(s) {unknown} for SDE kind {kind!r}; allowed: {list(_SDE_PARAMS[kind])}"
+            f"unknown parameter(s) {unknown} for SDE kind {kind!r}; allowed: {list(SDE_PARAMS[kind])}"
         )
     return SDE_KINDS[kind](**params)

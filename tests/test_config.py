@@ -24,7 +24,7 @@ def test_every_params_file_loads_and_round_trips(name, tmp_path):
     assert cfg.name == name
     again = config_from_dict(config_to_dict(cfg))
     assert again == cfg
-    path = write_resolved_config(cfg, tmp_path)
+    path = write_resolved_config(cfg, tmp_path / "resolved_config.yaml")
     assert load_config(path, name=name) == cfg
 
 

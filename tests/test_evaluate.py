@@ -21,7 +21,8 @@ from PIL import Image
 
 from lsgm.checkpoint import sha256_file
 from lsgm.config import config_to_dict, load_config, load_experiment
-from lsgm.evaluate import bits_per_dim, eval_nll_experiment, mean_and_stderr, sample_experiment
+from lsgm.evaluate import eval_nll_experiment, sample_experiment
+from lsgm.stats import bits_per_dim, mean_and_stderr
 from lsgm.models import build_prior, build_vae, save_model
 
 torch.set_num_threads(1)

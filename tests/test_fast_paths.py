@@ -2,10 +2,11 @@
 
 * ``LSGMObjective.joint(..., single_pass=True)``: one B-sized SGM evaluation on the attached ``z_t`` instead of the
   2B concatenated batch ``[z_t(z0.detach()), z_t(z0)]``, with the q loss back-propagated into the VAE parameters
-  only and the p loss into the SGM parameters only (as ``lsgm.train.train_lsgm`` does).
+  only and the p loss into the SGM parameters only (the loss object's ``backward_terms``, which the engine runs).
 * ``joint(..., single_pass=True, ce_coeff=β)``: ONE unrestricted backward, q's cross-entropy gradient reaching
   the encoder through p's graph rescaled per sample at ``z_t`` (``single_backward_joint``).
 * ``foreach=True`` for the Adam/Adamax optimisers of ``lsgm.train``; fused Adam (``engine.fused_optimizer``).
+* The routing itself: :meth:`lsgm.objectives.JointLoss.backward_terms` (the loss object owns its backward).
 * The engine's per-step timing hook (``TrainLoop.step_seconds`` → ``metrics.json`` ``step_seconds``).
 """
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from lsgm.objectives import LSGMObjective
 from lsgm.sde import VPSDE
-from lsgm.train import step_time_stats
+from lsgm.engine import step_time_stats
 
 torch.set_num_threads(1)
 
@@ -49,7 +50,7 @@ class TinyEps(nn.Module):
 
 def _grads_of_joint_step(objective: LSGMObjective, single_pass: bool, seed: int = 3, one_backward: bool = False,
                          beta: float = 0.7):
-    """Losses and gradients of one joint step, routed as lsgm.train does (q -> VAE params, p -> SGM params)."""
+    """Losses and gradients of one joint step, routed by the loss object's own backward plan (as lsgm.train runs it)."""
     torch.manual_seed(0)
     enc, eps_net = TinyEncoder(), TinyEps()
     x = torch.randn(5, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -60,15 +61,15 @@ def _grads_of_joint_step(objective: LSGMObjective, single_pass: bool, seed: int 
     q_loss = (recon + beta * jl.ce_elem.flatten(1).sum(1)).mean()
     p_loss = jl.p_obj.mean()
     vae_params, prior_params = list(enc.parameters()), list(eps_net.parameters())
-    assert jl.ce_grad_in_p == (one_backward and not jl.same_objective)
-    if jl.same_objective:
-        q_loss.backward()
-    elif jl.ce_grad_in_p:
-        assert not jl.ce_elem.requires_grad
-        (q_loss + p_loss).backward()
+    plan = jl.backward_terms(q_loss, p_loss, vae_params, prior_params)
+    if objective.same_objective:
+        assert len(plan) == 1 and plan[0].inputs is None and plan[0].loss is q_loss
+    elif one_backward:
+        assert len(plan) == 1 and plan[0].inputs is None and not jl.ce_elem.requires_grad
     else:
-        q_loss.backward(inputs=vae_params, retain_graph=True)
-        p_loss.backward(inputs=prior_params)
+        assert [len(b.inputs) for b in plan] == [len(vae_params), len(prior_params)]
+    for term in plan:
+        term.loss.backward(inputs=term.inputs, retain_graph=term.retain_graph)
     return (jl.p_obj.detach(), jl.ce_elem.detach(), [p.grad.clone() for p in vae_params],
             [p.grad.clone() for p in prior_params])
 
@@ -211,15 +212,16 @@ def test_foreach_optimizer_matches_the_per_parameter_loop(cls, kwargs):
 
 
 def test_fused_adam_matches_the_foreach_kernels():
-    """engine.fused_optimizer (lsgm.train._adam): fused CPU kernels give the foreach update up to rounding."""
-    from lsgm.train import _adam
+    """engine.fused_optimizer (lsgm.engine.make_adam): fused CPU kernels give the foreach update up to rounding."""
+    from lsgm.engine import make_adam
 
-    def make(params, fused):
-        opt = _adam(params, lr=1e-2, eps=1e-4, weight_decay=3e-4, fused=fused)
-        assert bool(opt.defaults.get("fused")) == fused
-        return opt
+    for mode in ("decoupled", "l2"):
+        def make(params, fused):
+            opt = make_adam(params, lr=1e-2, eps=1e-4, weight_decay=3e-4, weight_decay_mode=mode, fused=fused)
+            assert bool(opt.defaults.get("fused")) == fused
+            return opt
 
-    _assert_two_optimizers_agree(make, steps=5)
+        _assert_two_optimizers_agree(make, steps=5)
 
 
 def test_step_time_stats_skip_warmup_and_summarise():
@@ -234,7 +236,7 @@ def test_keep_cpu_heap_sets_glibc_thresholds_and_training_still_matches():
     """engine.keep_cpu_heap only changes allocation: mallopt accepts both thresholds (returns 1)."""
     import ctypes.util
 
-    from lsgm.train import keep_cpu_heap
+    from lsgm.engine import keep_cpu_heap
 
     if "musl" in (ctypes.util.find_library("c") or ""):
         pytest.skip("not glibc")

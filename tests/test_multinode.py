@@ -24,7 +24,8 @@ import torch
 from lsgm.config import ResourceConfig, load_config, load_experiment
 from lsgm.launch import (SlurmAllocation, expand_nodelist, find_allocation, launch_command, rendezvous_port,
                          slurm_hostnames)
-from lsgm.train import BatchPlan, train_vae
+from lsgm.engine import BatchPlan
+from lsgm.train import train_vae
 
 torch.set_num_threads(1)
 

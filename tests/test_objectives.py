@@ -10,6 +10,8 @@ from scipy import integrate, stats
 from lsgm.objectives import (
     IW_MODES,
     LSGMObjective,
+    ROUTE_Q,
+    ROUTE_SPLIT,
     cross_entropy_const,
     drop_all_iw_normalizer,
     sample_t,
@@ -360,7 +362,7 @@ def test_joint_same_objective_single_pass():
     assert obj.same_objective
     spy, (z0, gen) = SpyEps(sde), leaf_z0()
     out = obj.joint(spy, z0, gen)
-    assert out.same_objective and len(spy.calls) == 1 and spy.calls[0][0].shape[0] == 16
+    assert out.route == ROUTE_Q and len(spy.calls) == 1 and spy.calls[0][0].shape[0] == 16
     torch.testing.assert_close(out.p_obj, (out.ce_elem - obj.ce_const).flatten(1).sum(1))
     g_z0, g_scale = grads(out.ce_elem, z0, spy.scale)
     assert g_z0 is not None and g_scale is not None
@@ -375,7 +377,7 @@ def test_joint_different_objectives_detach_p_and_one_concatenated_call(q_mode, c
     assert not obj.same_objective
     spy, (z0, gen) = SpyEps(sde), leaf_z0()
     out = obj.joint(spy, z0, gen)
-    assert not out.same_objective and len(spy.calls) == (1 if concat else 2)
+    assert out.route == ROUTE_SPLIT and len(spy.calls) == (1 if concat else 2)
     z_t, t = (torch.cat(x) for x in zip(*spy.calls))
     assert z_t.shape[0] == 32 and t.shape == (32,)
     g_z0, g_scale = grads(out.p_obj, z0, spy.scale)

@@ -17,7 +17,8 @@ import torch
 
 from lsgm.checkpoint import CheckpointManager
 from lsgm.config import load_config
-from lsgm.train import BatchPlan, lr_at, train_lsgm, train_vae
+from lsgm.engine import BatchPlan, lr_at
+from lsgm.train import train_lsgm, train_vae
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,9 +42,12 @@ def tiny_config(tmp_path: Path, name: str = "tiny", *, vae_epochs: int = 2, ever
     return p
 
 
-def run_cli(*args: str, env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1", **(env_extra or {}))
-    res = subprocess.run([sys.executable, "-m", "lsgm.cli", *args], cwd=REPO, env=env, capture_output=True,
+def run_cli(*args: str, faults: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:
+    """``lsgm ARGS`` in a subprocess; with ``faults`` (tests/faults.py options) the engine's seams inject them."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    entry = [str(REPO / "tests" / "faults.py"), *faults, "--"] if faults else ["-m", "lsgm.cli"]
+    res = subprocess.run([sys.executable, *entry, *args], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=600)
     if check and res.returncode != 0:
         raise AssertionError(f"lsgm {' '.join(args)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
@@ -163,7 +167,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, prepare
     total = 3 * (256 // 32)
     kill_steps = sorted(rng.sample(range(2, total - 1), 2))
     for k in kill_steps:  # the process SIGKILLs itself right after step k (checkpoint or not)
-        res = run_cli(*args, "--run-root", str(runs), env_extra={"LSGM_TEST_KILL_AT_STEP": str(k)}, check=False)
+        res = run_cli(*args, "--run-root", str(runs), faults=("--kill-after-step", str(k)), check=False)
         assert res.returncode == -signal.SIGKILL
         assert not (runs / "tiny" / "vae" / "model.pt").exists()
     # and once from outside, at a random wall-clock moment after the first checkpoints exist
@@ -214,7 +218,7 @@ def test_nan_batch_rolls_back_lowers_lr_and_finishes(tmp_path, prepared):
     cfg_path = tiny_config(tmp_path, vae_epochs=2, every=4)
     runs = tmp_path / "runs"
     res = run_cli("train-vae", str(cfg_path), "--data-root", str(prepared), "--run-root", str(runs),
-                  env_extra={"LSGM_TEST_POISON": "6:1"})
+                  faults=("--poison", "6:1"))
     assert "NaN guard" in res.stderr and "rolled back to step 4" in res.stderr
     metrics = json.loads((runs / "tiny" / "vae" / "metrics.json").read_text())
     assert metrics["nan_failures"] == 1 and metrics["lr_factor"] == 0.5
@@ -227,7 +231,7 @@ def test_nan_batch_rolls_back_lowers_lr_and_finishes(tmp_path, prepared):
 def test_persistent_nan_stops_with_remedies(tmp_path, prepared):
     cfg_path = tiny_config(tmp_path, vae_epochs=2, every=4)
     res = run_cli("train-vae", str(cfg_path), "--data-root", str(prepared), "--run-root", str(tmp_path / "runs"),
-                  env_extra={"LSGM_TEST_POISON": "6"}, check=False)
+                  faults=("--poison", "6"), check=False)
     assert res.returncode != 0
     assert "giving up" in res.stderr and "spectral regularisation" in res.stderr and "lower the learning rate" in res.stderr
     assert not (tmp_path / "runs" / "tiny" / "vae" / "model.pt").exists()

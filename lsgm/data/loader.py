@@ -157,6 +157,26 @@ def preprocess(
     return reduce_bits(x, num_x_bits)
 
 
+def to_model_input(split: PreparedSplit, idx: torch.Tensor, data: Any, generator: torch.Generator,
+                   device: torch.device, *, channels_last: bool = False, flip: bool | None = None) -> torch.Tensor:
+    """Images ``idx`` of ``split`` as the VAE sees them: :func:`preprocess` (flip, binarisation or bit reduction,
+    by the ``data`` config section), then ``x ↦ 2x − 1`` into [−1, 1] (docs/algorithm.md §1.6), on ``device``.
+
+    Args:
+        split: the prepared split.
+        idx: item indices (1-D).
+        data: the experiment's ``data`` section (:class:`lsgm.config.DataConfig`).
+        generator: RNG of the flip and binarisation draws (CPU, like the uint8 images).
+        device: where the model runs.
+        channels_last: return NHWC memory format (the VAE's CPU fast path).
+        flip: override ``data.flip`` (evaluation never flips).
+    """
+    x = preprocess(split.batch(idx), max_value=split.max_value, binarize=data.binarize,
+                   num_x_bits=data.num_x_bits, flip=data.flip if flip is None else flip, generator=generator)
+    x = (2.0 * x - 1.0).to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     """A 63-bit generator seed that depends on both ``seed`` and ``epoch`` (no seed+epoch aliasing)."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)

@@ -27,7 +27,7 @@ wildcard_constraints:
     exp="|".join(ALL_EXPERIMENTS),
     stage="|".join(sorted({s for c in PIPE.configs.values() for s in c.prior})),
     dataset="[a-z0-9]+",
-    split="train|train\\+valid",
+    split="train|train_valid",
     model="lsgm|vae",
 
 

@@ -1,0 +1,133 @@
+"""The run layout: ONE home for every path of an experiment's run directory (torch-free).
+
+::
+
+    <root>/<exp>/vae/                     stage 1 (train_vae)
+    <root>/<exp>/<prior stage>/           stage 2+ (train_lsgm), e.g. lsgm, frozen_vae
+        model.pt  metrics.json  resolved_config.yaml  checkpoints/  dvclive/
+    <root>/<exp>/sample/                  samples.npz  grid.png  sample_stats.json  resolved_config.yaml
+    <root>/<exp>/eval/                    nll_lsgm.json  nll_vae.json  fid.json
+
+Training, evaluation, metrics, reports and the stage table (:mod:`lsgm.pipeline`) all ask a :class:`RunLayout`
+for their paths; no other module joins run paths. The stage table builds templates from the same object
+(``RunLayout("data/runs", "{exp}").model("{stage}")`` is ``data/runs/{exp}/{stage}/model.pt``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["PREPARED_ROOT", "RESERVED_STAGE_NAMES", "RUNS_ROOT", "VAE_STAGE", "RunLayout", "fid_reference_tag",
+           "fid_stats_file", "prepared_dir"]
+
+RUNS_ROOT = Path("data/runs")
+PREPARED_ROOT = Path("data/prepared")
+VAE_STAGE = "vae"
+_SAMPLE, _EVAL = "sample", "eval"
+#: names a prior stage may not take: they are folders of the run directory (or of a stage directory)
+RESERVED_STAGE_NAMES = (VAE_STAGE, _SAMPLE, _EVAL, "checkpoints", "dvclive")
+
+
+def prepared_dir(dataset: str, root: str | os.PathLike = PREPARED_ROOT) -> Path:
+    """``<root>/<dataset>``: the prepared dataset folder (``lsgm prepare``)."""
+    return Path(root) / dataset
+
+
+def fid_reference_tag(fid_reference: str) -> str:
+    """File-name tag of an FID reference split: ``train`` or ``train_valid`` (for ``train+valid``)."""
+    return fid_reference.replace("+", "_")
+
+
+def fid_stats_file(dataset: str, fid_reference: str, prepared_root: str | os.PathLike = PREPARED_ROOT) -> Path:
+    """Reference FID statistics of a dataset's reference split, one file per (dataset, split) shared by every
+    experiment on it: ``<prepared_root>/../fid_stats/<dataset>-<tag>.pt`` (``data/fid_stats/cifar10-train.pt``)."""
+    return Path(prepared_root).parent / "fid_stats" / f"{dataset}-{fid_reference_tag(fid_reference)}.pt"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one experiment's run directory ``<root>/<exp>``.
+
+    Args:
+        root: runs root (``data/runs``).
+        exp: experiment name (or a ``{exp}`` template placeholder).
+    """
+
+    root: Path
+    exp: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def base(self) -> Path:
+        """``<root>/<exp>``."""
+        return self.root / self.exp
+
+    # ---- training stages (stage 1 is "vae")
+    def stage_dir(self, stage: str) -> Path:
+        return self.base / stage
+
+    def model(self, stage: str) -> Path:
+        """``model.pt`` a training stage hands on."""
+        return self.stage_dir(stage) / "model.pt"
+
+    def metrics(self, stage: str) -> Path:
+        """``metrics.json`` of a training stage (losses, steps, step times)."""
+        return self.stage_dir(stage) / "metrics.json"
+
+    def checkpoints(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "checkpoints"
+
+    def dvclive(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "dvclive"
+
+    def stale_checkpoints(self, stage: str, config_hash: str) -> Path:
+        """Where a stage's checkpoints of an earlier config are moved (kept, never resumed from)."""
+        return self.stage_dir(stage) / f"checkpoints-stale-{config_hash}"
+
+    def resolved_config(self, stage: str) -> Path:
+        """``resolved_config.yaml`` of a stage directory (training stages and ``sample``)."""
+        return self.stage_dir(stage) / "resolved_config.yaml"
+
+    # ---- sampling
+    @property
+    def sample_dir(self) -> Path:
+        return self.base / _SAMPLE
+
+    @property
+    def sample_config(self) -> Path:
+        return self.resolved_config(_SAMPLE)
+
+    @property
+    def samples(self) -> Path:
+        return self.sample_dir / "samples.npz"
+
+    @property
+    def grid(self) -> Path:
+        return self.sample_dir / "grid.png"
+
+    @property
+    def sample_stats(self) -> Path:
+        return self.sample_dir / "sample_stats.json"
+
+    # ---- evaluation
+    @property
+    def eval_dir(self) -> Path:
+        return self.base / _EVAL
+
+    def nll(self, model: str) -> Path:
+        """``eval/nll_<model>.json`` (model ``lsgm`` or ``vae``)."""
+        return self.eval_dir / f"nll_{model}.json"
+
+    @property
+    def fid(self) -> Path:
+        return self.eval_dir / "fid.json"
+
+    def training_stage_dirs(self) -> list[Path]:
+        """Stage directories that hold DVCLive logs, in name order (existing ones only)."""
+        if not self.base.is_dir():
+            return []
+        return sorted(p for p in self.base.iterdir() if (p / "dvclive").is_dir())
