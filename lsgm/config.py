@@ -73,7 +73,7 @@ def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float
     return field(default=default, metadata=meta)
 
 
-# (channels, height, width) of the images fed to the VAE, spec §8 (MNIST/OMNIGLOT padded 28 -> 32).
+# (channels, height, width) of the images fed to the VAE, docs/algorithm.md §8 (MNIST/OMNIGLOT padded 28 -> 32).
 DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
     "digits": (1, 8, 8),
     "mnist": (1, 32, 32),
@@ -89,7 +89,7 @@ RESOURCE_STAGES = STAGES
 # --------------------------------------------------------------------------------------------- sections
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Dataset and its preprocessing (spec §8, §1.6)."""
+    """Dataset and its preprocessing (docs/algorithm.md §8, §1.6)."""
 
     dataset: Literal["digits", "mnist", "omniglot", "cifar10", "celeba256"]
     binarize: bool  # dynamic binarisation at load time (digits, MNIST, OMNIGLOT)
@@ -97,7 +97,7 @@ class DataConfig:
     flip: bool = False  # random horizontal flip of training images
     likelihood_crop: Optional[int] = _f(None, lo=1, doc="central crop for the Bernoulli likelihood (28 of 32)")
     eval_split: Literal["test", "valid"] = "test"  # split the NLL is reported on
-    fid_reference: Literal["train", "train+valid"] = "train"  # spec §7.2
+    fid_reference: Literal["train", "train+valid"] = "train"  # docs/algorithm.md §7.2
     max_train_images: Optional[int] = _f(None, lo=1, doc="use only the first N training images (tests)")
     max_eval_images: Optional[int] = _f(None, lo=1, doc="evaluate on the first N images (tests)")
 
@@ -108,7 +108,7 @@ class DataConfig:
 
     @property
     def likelihood_dims(self) -> int:
-        """D used for bits/dim (spec §7.1 step 4)."""
+        """D used for bits/dim (docs/algorithm.md §7.1 step 4)."""
         c, h, w = self.shape
         if self.likelihood_crop is not None:
             h = w = self.likelihood_crop
@@ -117,7 +117,7 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class VAEConfig:
-    """NVAE-style backbone (spec §1). Names follow the official flags without the ``--``."""
+    """NVAE-style backbone (docs/algorithm.md §1). Names follow the official flags without the ``--``."""
 
     arch_instance: Literal["res_bnswish", "res_mbconv"]
     num_channels_enc: int = _f(lo=1)
@@ -145,7 +145,7 @@ class VAEConfig:
             raise ConfigError(
                 f"{where}: vae.channel_mult has {len(self.channel_mult)} entries {list(self.channel_mult)}; "
                 f"allowed: exactly num_preprocess_blocks + num_latent_scales = "
-                f"{self.num_preprocess_blocks + self.num_latent_scales} (spec §1.1)")
+                f"{self.num_preprocess_blocks + self.num_latent_scales} (docs/algorithm.md §1.1)")
         size = data.shape[1]
         down = 2 ** (self.num_preprocess_blocks + self.num_latent_scales - 1)
         if size % down:
@@ -156,14 +156,14 @@ class VAEConfig:
                               "allowed: 'bin' for binarised data")
 
     def latent_shape(self, data: DataConfig) -> tuple[int, int, int]:
-        """(C, S, S) of the top-scale latents that get the SGM prior (spec §1.2)."""
+        """(C, S, S) of the top-scale latents that get the SGM prior (docs/algorithm.md §1.2)."""
         s = data.shape[1] // 2 ** (self.num_preprocess_blocks + self.num_latent_scales - 1)
         return (self.num_groups_per_scale * self.num_latent_per_group, s, s)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainVAEConfig:
-    """Stage 1: the VAE with a Normal prior (spec §1.8)."""
+    """Stage 1: the VAE with a Normal prior (docs/algorithm.md §1.8)."""
 
     epochs: int = _f(lo=1)
     batch_size: int = _f(lo=1, doc="per-GPU (per-process) batch")
@@ -177,13 +177,13 @@ class TrainVAEConfig:
     kl_const_portion: float = _f(lo=0, hi=1)
     kl_const_coeff: float = _f(lo=0, hi=1)
     kl_max_coeff: float = _f(lo=0, hi=1)
-    weight_decay_norm: float = _f(lo=0, doc="λ of spectral + BN regularisation (spec §1.7)")
+    weight_decay_norm: float = _f(lo=0, doc="λ of spectral + BN regularisation (docs/algorithm.md §1.7)")
     seed: int = _f(lo=0)
 
 
 @dataclass(frozen=True, kw_only=True)
 class SDEConfig:
-    """Forward SDE in latent space (spec §2)."""
+    """Forward SDE in latent space (docs/algorithm.md §2)."""
 
     kind: Literal[SDE_KINDS]
     beta_min: float = _f(0.1, lo=0, lo_open=True)
@@ -206,7 +206,7 @@ class SDEConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ScoreNetConfig:
-    """NCSN++ backbone of the SGM prior and its mixed score (spec §3, §5)."""
+    """NCSN++ backbone of the SGM prior and its mixed score (docs/algorithm.md §3, §5)."""
 
     nf: int = _f(lo=1, doc="num_channels_dae")
     num_scales: int = _f(lo=1)
@@ -227,7 +227,7 @@ class ScoreNetConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainLSGMConfig:
-    """Stage 2 (and the CelebA qualitative stage 3): VAE + SGM prior (spec §4.5–4.7)."""
+    """Stage 2 (and the CelebA qualitative stage 3): VAE + SGM prior (docs/algorithm.md §4.5–4.7)."""
 
     epochs: int = _f(lo=1)
     batch_size: int = _f(lo=1, doc="per-GPU (per-process) batch")
@@ -251,7 +251,7 @@ class TrainLSGMConfig:
     kl_anneal_portion: float = _f(lo=0, hi=1, lo_open=True)
     weight_decay_norm_vae: float = _f(lo=0)
     weight_decay_norm_score: float = _f(lo=0)
-    spectral_reg_score_convs: bool = _f(doc="False reproduces --custom_conv_dae (no SR on SGM convs, spec §1.7)")
+    spectral_reg_score_convs: bool = _f(doc="False reproduces --custom_conv_dae (no SR on SGM convs, docs/algorithm.md §1.7)")
     drop_inactive_var: bool = False
     inactive_kl_threshold: float = _f(0.1, lo=0)
     inactive_max_batches: int = _f(1000, lo=1)
@@ -279,7 +279,7 @@ class PriorStageConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
-    """Probability-flow ODE sampling (spec §6.1)."""
+    """Probability-flow ODE sampling (docs/algorithm.md §6.1)."""
 
     num_samples: int = _f(lo=1)
     batch_size: int = _f(lo=1)
@@ -288,7 +288,7 @@ class SamplingConfig:
     temperature: float = _f(1.0, lo=0, lo_open=True)
     vae_temperature: float = _f(1.0, lo=0, lo_open=True)
     method: Literal[ODE_METHODS] = "dopri5"
-    vae_train_mode: bool = False  # decoder BatchNorm with batch statistics (CelebA FID, spec §6.1 step 5)
+    vae_train_mode: bool = False  # decoder BatchNorm with batch statistics (CelebA FID, docs/algorithm.md §6.1 step 5)
     use_ema: bool = True
     seed: int = _f(0, lo=0)
     grid_size: int = _f(8, lo=1, doc="the PNG grid is grid_size x grid_size samples")
@@ -296,7 +296,7 @@ class SamplingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class NLLEvalConfig:
-    """NLL bound on the evaluation split (spec §7.1)."""
+    """NLL bound on the evaluation split (docs/algorithm.md §7.1)."""
 
     batch_size: int = _f(lo=1)
     ode_eps: float = _f(lo=0, lo_open=True, hi=1)
@@ -314,7 +314,7 @@ class NLLEvalConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class FIDEvalConfig:
-    """FID/IS/KID with torch-fidelity (spec §7.2)."""
+    """FID/IS/KID with torch-fidelity (docs/algorithm.md §7.2)."""
 
     enabled: bool = True
     isc: bool = True
@@ -368,7 +368,7 @@ class ResourceConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
-    """A whole experiment: every hyper-parameter of every stage (spec §9)."""
+    """A whole experiment: every hyper-parameter of every stage (docs/algorithm.md §9)."""
 
     name: str
     description: str
@@ -619,9 +619,9 @@ def _cross_check(cfg: ExperimentConfig, where: str) -> None:
             raise ConfigError(f"{w}.{exc} (docs/algorithm.md §4.3)") from None
         if p.train.disjoint and p.train.iw_sample_q == "reweight_p_samples":
             raise ConfigError(f"{w}.train.iw_sample_q = 'reweight_p_samples' with disjoint = true; "
-                              "allowed: 'll_uniform' or 'll_iw' (spec §4.5)")
+                              "allowed: 'll_uniform' or 'll_iw' (docs/algorithm.md §4.5)")
         if p.train.disjoint and not p.train_vae:
-            raise ConfigError(f"{w}.train.disjoint = true needs train_vae = true (spec §4.5)")
+            raise ConfigError(f"{w}.train.disjoint = true needs train_vae = true (docs/algorithm.md §4.5)")
         if p.load_prior and p.init_from == "vae":
             raise ConfigError(f"{w}.load_prior = true needs init_from to name an earlier prior stage")
         seen.append(stage)

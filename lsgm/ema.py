@@ -1,6 +1,6 @@
-"""Exponential moving average of the SGM prior's weights (spec §4.6), as a module separate from the optimiser.
+"""Exponential moving average of the SGM prior's weights (docs/algorithm.md §4.6), as a module separate from the optimiser.
 
-(The official code wraps the optimiser, which breaks on recent PyTorch: spec §11 item 4.)
+(The official code wraps the optimiser, which breaks on recent PyTorch: docs/algorithm.md §11 item 4.)
 """
 
 from __future__ import annotations

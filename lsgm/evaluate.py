@@ -1,4 +1,4 @@
-"""Sampling and the NLL bound with a written protocol (spec §6.1, §7.1, §11).
+"""Sampling and the NLL bound with a written protocol (docs/algorithm.md §6.1, §7.1, §11).
 
 * :func:`sample_experiment` (``lsgm sample``): probability-flow ODE samples of the final prior stage, decoded to
   the decoder mean, saved as uint8 ``samples.npz`` + ``grid.png`` + ``sample_stats.json`` (NFE/time per batch).
@@ -62,7 +62,7 @@ def model_path(cfg: ExperimentConfig, run_root: str | os.PathLike, model: str) -
 
 # --------------------------------------------------------------------------------------------- images
 def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
-    """Decoder means in [−1, 1] → uint8 levels ``round(255 (x + 1)/2)`` (spec §1.6: [−1,1] → [0,1])."""
+    """Decoder means in [−1, 1] → uint8 levels ``round(255 (x + 1)/2)`` (docs/algorithm.md §1.6: [−1,1] → [0,1])."""
     x01 = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
     return torch.round(x01 * 255.0).to(torch.uint8)
 
@@ -112,7 +112,7 @@ def _load(cfg: ExperimentConfig, run_root: Path, model: str, device: torch.devic
 
 
 def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int | None = None) -> dict[str, Any]:
-    """``lsgm sample``: probability-flow ODE samples of the final prior stage (spec §6.1).
+    """``lsgm sample``: probability-flow ODE samples of the final prior stage (docs/algorithm.md §6.1).
 
     Writes ``<run_root>/<exp>/sample/{samples.npz, grid.png, sample_stats.json, resolved_config.yaml}``.
 
@@ -135,7 +135,7 @@ def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int
     generator = torch.Generator(device=device).manual_seed(sc.seed)
     latent_shape = tuple(m.vae.latent_shape)
     images, nfes, seconds = [], [], []
-    m.vae.train(sc.vae_train_mode)  # CelebA FID decodes with batch statistics (spec §6.1 step 5)
+    m.vae.train(sc.vae_train_mode)  # CelebA FID decodes with batch statistics (docs/algorithm.md §6.1 step 5)
     with tqdm(total=n, desc=f"sample {cfg.name}", unit="img") as bar:
         while len(images) * sc.batch_size < n:
             b = min(sc.batch_size, n - len(images) * sc.batch_size)
@@ -177,7 +177,7 @@ def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int
 # --------------------------------------------------------------------------------------------- NLL
 def image_nelbo_terms(vae: torch.nn.Module, x: torch.Tensor, *, prior_nll_fn=None,
                       generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    """Per-image terms of the NLL bound for one encoder sample (spec §7.1 steps 1–3), in nats.
+    """Per-image terms of the NLL bound for one encoder sample (docs/algorithm.md §7.1 steps 1–3), in nats.
 
     ``nelbo = recon + log_q − log_p_rest + prior_top`` with ``recon = −log p(x|z)``, ``log_q = Σ log q(z|x)``
     (all groups, flows included), ``log_p_rest = Σ log N(z_rest; 0, I)`` (finer scales) and ``prior_top`` the
@@ -226,7 +226,7 @@ def _eval_images(cfg: ExperimentConfig, data_root: Path):
 
 
 def eval_nll_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Path, model: str) -> dict[str, Any]:
-    """``lsgm eval-nll``: the NLL bound on the evaluation split (spec §7.1); writes ``eval/nll_<model>.json``.
+    """``lsgm eval-nll``: the NLL bound on the evaluation split (docs/algorithm.md §7.1); writes ``eval/nll_<model>.json``.
 
     Args:
         cfg: experiment config (``eval_nll`` section: batch, ODE eps/tol, probes, K, draws, seed).
@@ -315,7 +315,7 @@ def _summarise_nll(cfg: ExperimentConfig, terms: dict[str, np.ndarray], k_iw: in
 
 def _nll_protocol(cfg: ExperimentConfig, model: str, path: Path, m, run_root: Path, data_root: Path, n: int,
                   draws: int, nfes: list[int], device: torch.device) -> dict[str, Any]:
-    """Everything that changes the NLL number (spec §7.1), for ``nll_<model>.json``."""
+    """Everything that changes the NLL number (docs/algorithm.md §7.1), for ``nll_<model>.json``."""
     ec = cfg.eval_nll
     sections: dict[str, Any] = {"data": cfg.data, "vae": cfg.vae, "train_vae": cfg.train_vae, "eval_nll": ec}
     if model == "lsgm":

@@ -13,7 +13,7 @@ process per node):
 Inside a Snakemake Slurm job the jobstep plugin strips most ``SLURM_*`` variables (``SLURM_JOB_ID`` stays), so the
 node list is read back from ``scontrol show job`` when ``SLURM_JOB_NODELIST`` is missing.
 The global batch is a property of the config, not of the layout: ``lsgm.train.BatchPlan`` reaches it by gradient
-accumulation on fewer processes, and every schedule counts samples seen (spec §12 item 10).
+accumulation on fewer processes, and every schedule counts samples seen (docs/algorithm.md §12 item 10).
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
-"""Negative log-likelihood of latents under the SGM prior by the probability-flow ODE (spec §7.1).
+"""Negative log-likelihood of latents under the SGM prior by the probability-flow ODE (docs/algorithm.md §7.1).
 
 Instantaneous change of variables along ``dz/dt = F(z, t) = f(t) z + ½ g²(t) ε_pred(z, t)/σ_t``,
 integrated **forward** from ``t = ode_eps`` (initial state: the latent ``z0`` itself, not noised) to
 ``t = 1``: ``d/dt [z, Δ] = [F(z, t), −tr(∂F/∂z)]`` and ``log p(z0) = log N(z(1); 0, I) − Δ(1)``.
 
-Trace of the Jacobian (decision §12 item 7):
+Trace of the Jacobian (docs/algorithm.md §12 item 7):
 
 * ``trace="hutchinson"``: ``tr(J) ≈ (1/K) Σ_k v_kᵀ J v_k`` with Gaussian (official) or Rademacher probes;
-  ``probe_mode="fresh"`` draws new probes at every drift evaluation (official, spec §11 item 9),
+  ``probe_mode="fresh"`` draws new probes at every drift evaluation (official, docs/algorithm.md §11 item 9),
   ``"fixed"`` draws them once per solve (a deterministic ODE for the adaptive solver).
 * ``trace="exact"``: D backward passes per evaluation; for small latent dimensions (tests, toy data).
 """
@@ -40,7 +40,7 @@ __all__ = [
 
 
 class NLLResult(NamedTuple):
-    """``nll_nats``: ``(B,)`` −log p(z0) in nats per sample; ``nfe``: drift evaluations; ``settings`` (spec §7.1)."""
+    """``nll_nats``: ``(B,)`` −log p(z0) in nats per sample; ``nfe``: drift evaluations; ``settings`` (docs/algorithm.md §7.1)."""
 
     nll_nats: Tensor
     nfe: int
@@ -48,7 +48,7 @@ class NLLResult(NamedTuple):
 
 
 def standard_normal_logp(z: Tensor) -> Tensor:
-    """``log N(z; 0, I)`` summed over all but the batch dimension (prior at t = 1, spec §7.1).
+    """``log N(z; 0, I)`` summed over all but the batch dimension (prior at t = 1, docs/algorithm.md §7.1).
 
     Args:
         z: ``(B, ...)``.
@@ -63,7 +63,7 @@ def standard_normal_logp(z: Tensor) -> Tensor:
 def draw_probes(
     probe: str, num_probes: int, like: Tensor, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Hutchinson probes ``v`` with ``E[v vᵀ] = I`` (spec §7.1).
+    """Hutchinson probes ``v`` with ``E[v vᵀ] = I`` (docs/algorithm.md §7.1).
 
     Args:
         probe: ``"gaussian"`` (``v ~ N(0, I)``) or ``"rademacher"`` (``v ∈ {−1, +1}`` uniformly).
@@ -86,7 +86,7 @@ def draw_probes(
 
 
 def hutchinson_trace(fz: Tensor, z: Tensor, probes: Tensor) -> Tensor:
-    """Hutchinson estimate ``(1/K) Σ_k v_kᵀ (∂F/∂z) v_k`` per sample (spec §7.1).
+    """Hutchinson estimate ``(1/K) Σ_k v_kᵀ (∂F/∂z) v_k`` per sample (docs/algorithm.md §7.1).
 
     Args:
         fz: ``F(z)``, ``(B, ...)``, computed from ``z`` with autograd enabled.
@@ -104,7 +104,7 @@ def hutchinson_trace(fz: Tensor, z: Tensor, probes: Tensor) -> Tensor:
 
 
 def exact_jacobian_trace(fz: Tensor, z: Tensor) -> Tensor:
-    """Exact ``tr(∂F/∂z)`` per sample by D backward passes (spec §7.1); samples must be independent.
+    """Exact ``tr(∂F/∂z)`` per sample by D backward passes (docs/algorithm.md §7.1); samples must be independent.
 
     Args:
         fz: ``F(z)``, ``(B, ...)``, computed from ``z`` with autograd enabled.
@@ -122,7 +122,7 @@ def exact_jacobian_trace(fz: Tensor, z: Tensor) -> Tensor:
 
 
 class _AugmentedDrift:
-    """``d/dt [z, Δ] = [F(z, t), −tr ∂F/∂z]`` (spec §7.1 step 2)."""
+    """``d/dt [z, Δ] = [F(z, t), −tr ∂F/∂z]`` (docs/algorithm.md §7.1 step 2)."""
 
     def __init__(self, eps_fn, sde, trace, probe, num_probes, fixed_probes, generator):
         self.eps_fn, self.sde, self.trace = eps_fn, sde, trace
@@ -166,7 +166,7 @@ def ode_nll(
     method: str = "dopri5",
     generator: torch.Generator | None = None,
 ) -> NLLResult:
-    """``−log p(z0)`` of latents under the SGM prior by the probability-flow ODE (spec §7.1, §11 item 9).
+    """``−log p(z0)`` of latents under the SGM prior by the probability-flow ODE (docs/algorithm.md §7.1, §11 item 9).
 
     Integrates ``[z, Δ]`` forward from ``t = ode_eps`` with ``z(ode_eps) = z0`` to ``t = 1`` with the
     same adaptive RK5(4) as sampling (``atol = rtol = tol``), then

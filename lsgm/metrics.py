@@ -1,4 +1,4 @@
-"""FID, IS and KID with torch-fidelity through its public API (spec §7.2, §11 item 11, decision §12 item 8).
+"""FID, IS and KID with torch-fidelity through its public API (docs/algorithm.md §7.2, §11 item 11, docs/algorithm.md §12 item 8).
 
 Protocol (what changes the numbers, all written to ``fid.json``):
 
@@ -9,9 +9,9 @@ Protocol (what changes the numbers, all written to ``fid.json``):
   format) of up to ``max_reference_images`` non-binarised images of the training split (``train+valid`` for
   OMNIGLOT/CelebA), computed once by ``lsgm fid-stats`` into a DVC-tracked file and handed to torch-fidelity as a
   precomputed cache entry, so the reference images are not re-encoded for FID.
-* Generated images: the uint8 samples of ``lsgm sample`` (the paper used un-quantised floats; spec §7.2);
+* Generated images: the uint8 samples of ``lsgm sample`` (the paper used un-quantised floats; docs/algorithm.md §7.2);
   grayscale replicated to 3 channels; torch-fidelity resizes to 299×299 inside the extractor.
-* One pooled covariance (the official code averages per-GPU covariances, spec §11 item 11).
+* One pooled covariance (the official code averages per-GPU covariances, docs/algorithm.md §11 item 11).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class UInt8ImageDataset(Dataset):
 
 
 def reference_images(cfg: ExperimentConfig, data_root: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The FID reference set (spec §7.2): first ``max_reference_images`` non-binarised training images.
+    """The FID reference set (docs/algorithm.md §7.2): first ``max_reference_images`` non-binarised training images.
 
     ``cfg.data.fid_reference`` is ``train`` (CIFAR-10, MNIST) or ``train+valid`` (OMNIGLOT, CelebA-HQ).
 
@@ -308,7 +308,7 @@ def _use_cuda(cfg: ExperimentConfig) -> bool:
 
 
 def reference_statistics(cfg: ExperimentConfig, *, data_root: Path, out: Path) -> Path:
-    """``lsgm fid-stats``: reference FID statistics of the training split (spec §7.2), written to ``out``.
+    """``lsgm fid-stats``: reference FID statistics of the training split (docs/algorithm.md §7.2), written to ``out``.
 
     Args:
         cfg: experiment config (``data``, ``eval_fid`` sections).

@@ -25,7 +25,7 @@ MODEL_FORMAT = "lsgm-model/1"
 
 
 def build_vae(cfg: ExperimentConfig) -> nn.Module:
-    """The NVAE backbone of spec §1 with the sizes of ``cfg.vae`` and the data shape of ``cfg.data``."""
+    """The NVAE backbone of docs/algorithm.md §1 with the sizes of ``cfg.vae`` and the data shape of ``cfg.data``."""
     from lsgm.vae.nvae import NVAE
 
     v, d = cfg.vae, cfg.data
@@ -45,7 +45,7 @@ def build_vae(cfg: ExperimentConfig) -> nn.Module:
 
 
 def build_sde(cfg: ExperimentConfig, stage: str):
-    """The forward SDE of prior stage ``stage`` (spec §2)."""
+    """The forward SDE of prior stage ``stage`` (docs/algorithm.md §2)."""
     from lsgm.sde import make_sde
 
     s = cfg.prior[stage].sde
@@ -53,7 +53,7 @@ def build_sde(cfg: ExperimentConfig, stage: str):
 
 
 def build_prior(cfg: ExperimentConfig, stage: str) -> nn.Module:
-    """NCSN++ (spec §5) wrapped in the mixed score (spec §3) for prior stage ``stage``."""
+    """NCSN++ (docs/algorithm.md §5) wrapped in the mixed score (docs/algorithm.md §3) for prior stage ``stage``."""
     from lsgm.nets.ncsnpp import NCSNpp
     from lsgm.score import MixedScore
 
@@ -111,7 +111,7 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", u
     Args:
         path: the model file.
         device: where to put the modules.
-        use_ema: take the prior's EMA weights (spec §4.6: evaluation uses EMA) when present.
+        use_ema: take the prior's EMA weights (docs/algorithm.md §4.6: evaluation uses EMA) when present.
         cfg: the config to build with; default the one stored in the file.
     """
     payload = read_model_file(path)

@@ -1,5 +1,5 @@
 """LSGM training objectives: importance-sampled t, the SGM objective and the score-matching
-cross-entropy (spec §4.2–§4.5, decisions §12 item 2).
+cross-entropy (docs/algorithm.md §4.2–§4.5, docs/algorithm.md §12 item 2).
 
 Paper symbols: ``ε`` diffusion noise, ``ε_pred`` mixed ε-prediction, ``w_p`` weight of ``(ε_pred − ε)²``
 in the SGM (p) objective, ``w_ll = g²/(2σ²) / r(t)`` the likelihood weight divided by the sampling
@@ -9,7 +9,7 @@ density ``r(t)`` of ``t``; ``σ1² = σ²(1)``, ``σe² = σ²(time_eps)``.
     * ``"exact"`` (default): unbiased likelihood weights. Uniform-t modes carry the interval length
       ``(1 − time_eps)`` and ``drop_all_iw`` uses the exact normaliser
       ``Z = ∫_{time_eps}^1 (1 − σ_t²) dt``.
-    * ``"official"``: reproduces the reference code (spec §4.2, §4.3, §11 item 8): uniform weights
+    * ``"official"``: reproduces the reference code (docs/algorithm.md §4.2, §4.3, §11 item 8): uniform weights
       without ``(1 − time_eps)`` (over-weighting by ``1/(1 − time_eps)``) and the coded
       ``drop_all_iw`` normaliser with ``e^{b/2}`` (1.00226× the exact one for β0 = 0.1, β1 = 20).
     * The cut-off constant ``½(1 + log 2πσ²(time_eps))`` is the same in both (see
@@ -51,7 +51,7 @@ __all__ = [
 
 
 class TimeSample(NamedTuple):
-    """A batch of diffusion times with their kernel quantities and weights (spec §4.3); all ``(B,)``."""
+    """A batch of diffusion times with their kernel quantities and weights (docs/algorithm.md §4.3); all ``(B,)``."""
 
     t: Tensor
     var_t: Tensor
@@ -71,7 +71,7 @@ def _var_at(sde: SDE, t: float) -> float:
 
 
 def drop_all_iw_normalizer(sde: VPSDE, time_eps: float, compat: str = "exact") -> float:
-    """Normaliser ``Z`` of the ``drop_all_iw`` proposal ``r(t) = (1 − σ_t²)/Z`` (spec §4.3).
+    """Normaliser ``Z`` of the ``drop_all_iw`` proposal ``r(t) = (1 − σ_t²)/Z`` (docs/algorithm.md §4.3).
 
     With ``δ = (β1 − β0)/2``, ``b = β0/(β1 − β0)``, ``E1 = erf(√δ (time_eps + b))``,
     ``E2 = erf(√δ (1 + b)) − E1``: exact ``Z = (1 − σ0²) e^{β0²/(2(β1−β0))} sqrt(π/(4δ)) E2``;
@@ -92,7 +92,7 @@ def drop_all_iw_normalizer(sde: VPSDE, time_eps: float, compat: str = "exact") -
 
 
 def _drop_all_iw_t(sde: VPSDE, rho: Tensor, time_eps: float) -> Tensor:
-    # Inverse CDF of r(t) ∝ exp(−δ (t + b)²) on [time_eps, 1]: t = erfinv(ρ E2 + E1)/√δ − b (spec §4.3).
+    # Inverse CDF of r(t) ∝ exp(−δ (t + b)²) on [time_eps, 1]: t = erfinv(ρ E2 + E1)/√δ − b (docs/algorithm.md §4.3).
     delta = 0.5 * (sde.beta_max - sde.beta_min)
     b = sde.beta_min / (sde.beta_max - sde.beta_min)
     e1 = math.erf(math.sqrt(delta) * (time_eps + b))
@@ -102,9 +102,9 @@ def _drop_all_iw_t(sde: VPSDE, rho: Tensor, time_eps: float) -> Tensor:
 
 
 def sample_t(sde: SDE, mode: str, rho: Tensor, time_eps: float, compat: str = "exact") -> TimeSample:
-    """Map uniforms ``ρ ~ U[0,1)`` to diffusion times and weights for one weighting mode (spec §4.3 table).
+    """Map uniforms ``ρ ~ U[0,1)`` to diffusion times and weights for one weighting mode (docs/algorithm.md §4.3 table).
 
-    Draws no randomness itself. Proposals ``r(t) ∝ w(t)(1 − σ_t²)`` (spec §4.3):
+    Draws no randomness itself. Proposals ``r(t) ∝ w(t)(1 − σ_t²)`` (docs/algorithm.md §4.3):
 
     * ``ll_uniform``: ``t = ε_t + (1 − ε_t)ρ``; ``w_p = w_ll = g²/(2σ²)·(1 − ε_t)`` (exact) or
       ``g²/(2σ²)`` (official).
@@ -164,7 +164,7 @@ def sample_t(sde: SDE, mode: str, rho: Tensor, time_eps: float, compat: str = "e
         var_t = var_t.clamp(var_e, var_1)
     g2_t = sde.g2(t)
     mean_coef_t = sde.mean_coef(t)
-    ll_density_weight = 0.5 * g2_t / var_t  # g²/(2σ²), the likelihood weighting (spec §4.2)
+    ll_density_weight = 0.5 * g2_t / var_t  # g²/(2σ²), the likelihood weighting (docs/algorithm.md §4.2)
 
     if mode == "ll_iw":
         weight_p = 0.5 * (log_var_1 - log_var_e) / (1.0 - var_t)
@@ -187,7 +187,7 @@ def sample_t(sde: SDE, mode: str, rho: Tensor, time_eps: float, compat: str = "e
 
 
 def cross_entropy_const(sde: SDE, time_eps: float, compat: str = "exact") -> float:
-    """Per-element constant ``½(1 + log(2π σ²(ε_t)))`` of the cross-entropy (spec §4.2).
+    """Per-element constant ``½(1 + log(2π σ²(ε_t)))`` of the cross-entropy (docs/algorithm.md §4.2).
 
     Multiply by D for the per-sample constant ``(D/2) log(2πe σ²(ε_t))``. The paper writes
     ``(D/2) log(2πe σ0²)``, which is the ``time_eps = 0`` case. With the integral starting at
@@ -216,7 +216,7 @@ def cross_entropy_const(sde: SDE, time_eps: float, compat: str = "exact") -> flo
 
 
 def diffuse(z0: Tensor, eps: Tensor, ts: TimeSample) -> Tensor:
-    """Sample the kernel: ``z_t = m_t z0 + σ_t ε`` (spec §2, §4.5 step 2).
+    """Sample the kernel: ``z_t = m_t z0 + σ_t ε`` (docs/algorithm.md §2, §4.5 step 2).
 
     Args:
         z0: latents ``(B, C, H, W)``; eps: noise ``(B, C, H, W)``; ts: per-sample times ``(B,)``.
@@ -227,7 +227,7 @@ def diffuse(z0: Tensor, eps: Tensor, ts: TimeSample) -> Tensor:
 
 
 def sgm_objective(eps_pred: Tensor, eps: Tensor, weight_p: Tensor) -> Tensor:
-    """Per-sample SGM objective ``p_obj = Σ_{C,H,W} w_p (ε_pred − ε)²`` (spec §4.4).
+    """Per-sample SGM objective ``p_obj = Σ_{C,H,W} w_p (ε_pred − ε)²`` (docs/algorithm.md §4.4).
 
     Args:
         eps_pred: ``(B, C, H, W)``; eps: ``(B, C, H, W)``; weight_p: ``(B,)``.
@@ -240,7 +240,7 @@ def sgm_objective(eps_pred: Tensor, eps: Tensor, weight_p: Tensor) -> Tensor:
 
 
 def cross_entropy_elem(eps_pred: Tensor, eps: Tensor, weight_ll: Tensor, const: float) -> Tensor:
-    """Per-element cross-entropy estimate ``ce_elem = w_ll (ε_pred − ε)² + ½(1 + log 2πσ²(ε_t))`` (spec §4.2).
+    """Per-element cross-entropy estimate ``ce_elem = w_ll (ε_pred − ε)² + ½(1 + log 2πσ²(ε_t))`` (docs/algorithm.md §4.2).
 
     Summing over (C, H, W) estimates ``CE(q(z0|x) ‖ p_SGM(z0))`` in nats (Theorem 1, "kl_T = 0").
 
@@ -339,7 +339,7 @@ class JointLoss(NamedTuple):
 
 
 class LSGMObjective:
-    """Loss object for the SGM prior and its cross-entropy term (spec §4.3–§4.5), EDM style.
+    """Loss object for the SGM prior and its cross-entropy term (docs/algorithm.md §4.3–§4.5), EDM style.
 
     Every method returns per-sample tensors; all randomness (ρ for t, ε) comes from the generator.
 
@@ -351,7 +351,7 @@ class LSGMObjective:
         time_eps: cut-off ε_t.
         compat: ``"exact"`` or ``"official"`` (see module docstring).
         concat_forward: joint training with different p/q objectives evaluates the SGM once on the
-            concatenated 2B batch (spec §4.5 step 3); False uses two calls with separate graphs.
+            concatenated 2B batch (docs/algorithm.md §4.5 step 3); False uses two calls with separate graphs.
     """
 
     def __init__(
@@ -374,17 +374,17 @@ class LSGMObjective:
 
     @property
     def same_objective(self) -> bool:
-        """True iff p and q optimise the same (likelihood) objective (spec §4.3, last bullet)."""
+        """True iff p and q optimise the same (likelihood) objective (docs/algorithm.md §4.3, last bullet)."""
         return self.iw_sample_p in LIKELIHOOD_MODES and self.iw_sample_q == "reweight_p_samples"
 
     def sample_t(self, mode: str, batch: int, like: Tensor, generator: torch.Generator | None) -> TimeSample:
-        """Draw ``ρ ~ U[0,1)`` of shape ``(batch,)`` from ``generator`` and apply :func:`sample_t` (spec §4.3)."""
+        """Draw ``ρ ~ U[0,1)`` of shape ``(batch,)`` from ``generator`` and apply :func:`sample_t` (docs/algorithm.md §4.3)."""
         rho = _draw("rand", (batch,), like, generator)
         return sample_t(self.sde, mode, rho, self.time_eps, self.compat)
 
     def joint(self, eps_fn: EpsFn, z0: Tensor, generator: torch.Generator | None = None, *,
               single_pass: bool = False, ce_coeff: float | None = None) -> JointLoss:
-        """Joint-training losses (spec §4.5 joint, with the §11 item 13 clean detach).
+        """Joint-training losses (docs/algorithm.md §4.5 joint, with the §11 item 13 clean detach).
 
         One ε for p and q. If q has its own mode, p's and q's t batches are concatenated and the SGM
         is evaluated once on ``[z_t^p(z0.detach()), z_t^q(z0)]``. With ``reweight_p_samples`` and
@@ -460,7 +460,7 @@ class LSGMObjective:
         return JointLoss(p_obj, ce, ROUTE_SPLIT)
 
     def q_only(self, eps_fn: EpsFn, z0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Disjoint training, VAE step: ``ce_elem`` from q's own t batch and fresh ε (spec §4.5 disjoint 2).
+        """Disjoint training, VAE step: ``ce_elem`` from q's own t batch and fresh ε (docs/algorithm.md §4.5 disjoint 2).
 
         Args:
             eps_fn: mixed ε-prediction; z0: encoder latents ``(B, C, H, W)``; generator: RNG.
@@ -480,7 +480,7 @@ class LSGMObjective:
         return cross_entropy_elem(eps_fn(diffuse(z0, eps, ts), ts.t), eps, ts.weight_ll, self.ce_const)
 
     def p_only(self, eps_fn: EpsFn, z0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """SGM objective from a detached z0 with fresh ε and p's t batch (spec §4.5 disjoint 3, frozen VAE).
+        """SGM objective from a detached z0 with fresh ε and p's t batch (docs/algorithm.md §4.5 disjoint 3, frozen VAE).
 
         Args:
             eps_fn: mixed ε-prediction; z0: latents ``(B, C, H, W)`` (detached here); generator: RNG.

@@ -1,12 +1,12 @@
-"""The paper's reported numbers (spec §10) as data, each with its table and provenance tag.
+"""The paper's reported numbers (docs/algorithm.md §10) as data, each with its table and provenance tag.
 
-Provenance tags (spec §10): ``P`` official project page, ``A`` public leaderboards, ``T`` LSGM rows in later
+Provenance tags (docs/algorithm.md §10): ``P`` official project page, ``A`` public leaderboards, ``T`` LSGM rows in later
 papers' tables, ``S`` a third-party paper summary (not verified against the PDF), ``M`` widely quoted but not yet
 checked against the PDF ("to be confirmed"). Several tags may apply (``"P, A, T"``).
 
 ``experiment`` names the entry of ``params/experiments.yaml`` whose run reproduces the number, or ``None`` where
 the matrix has no such experiment (ablations, the NCSN++ baseline). ``metric`` is the key our evaluation writes
-(units in the name, spec STYLE "Naming"): ``fid``, ``isc``, ``recall``, ``nll_bpd``, ``nll_nats``, ``nfe``,
+(units in the name): ``fid``, ``isc``, ``recall``, ``nll_bpd``, ``nll_nats``, ``nfe``,
 ``sampling_seconds_16``.
 """
 
@@ -33,7 +33,7 @@ METRIC_UNITS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class PaperResult:
-    """One number reported for LSGM (spec §10).
+    """One number reported for LSGM (docs/algorithm.md §10).
 
     Attributes:
         dataset: dataset as the paper names it.
@@ -45,7 +45,7 @@ class PaperResult:
         unit: unit of ``value``.
         table: where the paper reports it (``"2"``, ``"2 / 9"``, ``"Sec. 5.2"``...).
         source: provenance tags (``"P, A, T"``).
-        note: protocol detail or caveat from the spec.
+        note: protocol detail or caveat (docs/algorithm.md §10).
     """
 
     dataset: str
@@ -103,12 +103,12 @@ PAPER_RESULTS: tuple[PaperResult, ...] = (
        "larger models reportedly do not train stably without it"),
     _r("CIFAR-10 (ablation)", "end-to-end LSGM", None, "fid", "5.19", "Sec. 5.2", "S"),
     _r("CIFAR-10 (ablation)", "frozen VAE + SGM only", None, "fid", "9.00", "Sec. 5.2", "S"),
-    # third-party re-measurements quoted in spec §10
+    # third-party re-measurements quoted in docs/algorithm.md §10
     _r("CIFAR-10", "LSGM (DDGAN re-timing)", None, "nfe", "147", "DDGAN Tab. 1", "T", "their hardware/batch"),
 )
-"""Every number of spec §10's results table (plus the third-party re-measurements it quotes)."""
+"""Every number of docs/algorithm.md §10's results table (plus the third-party re-measurements it quotes)."""
 
 
 def paper_results_for(experiment: str) -> list[PaperResult]:
-    """Paper numbers that the experiment ``experiment`` reproduces (spec §10)."""
+    """Paper numbers that the experiment ``experiment`` reproduces (docs/algorithm.md §10)."""
     return [r for r in PAPER_RESULTS if r.experiment == experiment]

@@ -1,9 +1,9 @@
-"""``lsgm report``: the paper's numbers (spec §10) beside ours, with the protocol that produced each of ours.
+"""``lsgm report``: the paper's numbers (docs/algorithm.md §10) beside ours, with the protocol that produced each of ours.
 
 Reads, per experiment, ``<run_root>/<exp>/eval/{nll_lsgm,nll_vae,fid}.json`` and
 ``<run_root>/<exp>/sample/sample_stats.json`` and writes into ``out_dir`` (``reports/``):
 
-* ``results.csv`` / ``results.md``: one row per (experiment, metric) — every number of spec §10 with its table and
+* ``results.csv`` / ``results.md``: one row per (experiment, metric) — every number of docs/algorithm.md §10 with its table and
   provenance tag, ours (± standard error), the difference, a status (``measured``, ``not run``,
   ``not measured``, ``no experiment``) and the protocol columns (samples/images, ODE tol and eps, checkpoint, EMA,
   commit, params hash, data manifest hash, command to reproduce);
@@ -177,7 +177,7 @@ def _measured_metrics(metrics: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def report_rows(run_root: str | os.PathLike, experiments: Sequence[str]) -> list[ReportRow]:
-    """All rows: every paper number of spec §10 (with ours where run) plus our other measured metrics.
+    """All rows: every paper number of docs/algorithm.md §10 (with ours where run) plus our other measured metrics.
 
     Args:
         run_root: runs root (``data/runs``).
@@ -246,7 +246,7 @@ def _results_md(rows: list[ReportRow], figures: list[Path], out_dir: Path) -> st
              if r.status == "measured"]
     parts = [
         "# LSGM: paper vs. this reimplementation", "",
-        "Paper numbers from spec §10 with provenance tags: **P** project page, **A** public leaderboards, "
+        "Paper numbers from docs/algorithm.md §10 with provenance tags: **P** project page, **A** public leaderboards, "
         "**T** tables of later papers, **S** third-party paper summary (unverified), **M** widely quoted, "
         "not yet checked against the PDF. Likelihoods are upper bounds (≤). *ours* is mean ± standard error "
         "over test images (NLL) or mean ± std over batches (NFE) / splits (IS, KID). Machine-readable copy: "

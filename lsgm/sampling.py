@@ -1,4 +1,4 @@
-"""Sampling the SGM prior: probability-flow ODE and the ancestral sampler (spec §3.4, §6).
+"""Sampling the SGM prior: probability-flow ODE and the ancestral sampler (docs/algorithm.md §3.4, §6).
 
 One signature for every sampler (k-diffusion style):
 ``sample_*(eps_fn, sde, shape, *, ..., temperature=1.0, generator=None, device=None, dtype=torch.float32)``
@@ -31,11 +31,11 @@ __all__ = [
 
 ODE_METHODS = ("dopri5", "scipy_solver")
 """``dopri5``: torchdiffeq's on-device Dormand–Prince; ``scipy_solver``: SciPy ``RK45`` on float64
-CPU state, the official-parity option (spec §6.1, decision §12 item 6)."""
+CPU state, the official-parity option (docs/algorithm.md §6.1, docs/algorithm.md §12 item 6)."""
 
 
 class SampleResult(NamedTuple):
-    """Samples ``z`` (of ``shape``), ε-network evaluations ``nfe`` and wall time ``seconds`` (spec §6.1, §7.3)."""
+    """Samples ``z`` (of ``shape``), ε-network evaluations ``nfe`` and wall time ``seconds`` (docs/algorithm.md §6.1, §7.3)."""
 
     z: Tensor
     nfe: int
@@ -43,7 +43,7 @@ class SampleResult(NamedTuple):
 
 
 def probability_flow_drift(eps_fn: EpsFn, sde: SDE, z: Tensor, t: Tensor) -> Tensor:
-    """Probability-flow ODE drift ``dz/dt = f(t) z + ½ g²(t) ε_pred(z, t)/σ_t`` (spec §3.4, §6.1).
+    """Probability-flow ODE drift ``dz/dt = f(t) z + ½ g²(t) ε_pred(z, t)/σ_t`` (docs/algorithm.md §3.4, §6.1).
 
     Args:
         eps_fn: mixed ε-prediction ``eps_fn(z (B,C,H,W), t (B,))``.
@@ -62,7 +62,7 @@ def probability_flow_drift(eps_fn: EpsFn, sde: SDE, z: Tensor, t: Tensor) -> Ten
 
 
 def odeint_options(method: str, t_end: Tensor, norm: Callable | None = None) -> dict:
-    """torchdiffeq ``options`` for ``method`` (spec §6.1, decision §12 item 6).
+    """torchdiffeq ``options`` for ``method`` (docs/algorithm.md §6.1, docs/algorithm.md §12 item 6).
 
     ``scipy_solver`` → SciPy ``RK45``. For ``dopri5``, ``step_t = [t_end]`` makes the last step stop
     exactly at the end point: torchdiffeq otherwise steps past it and interpolates, which would query the
@@ -87,7 +87,7 @@ def odeint_options(method: str, t_end: Tensor, norm: Callable | None = None) -> 
 
 
 class _CountedDrift:
-    """ODE right-hand side that counts its evaluations (NFE, spec §6.1 item 3) and keeps the time
+    """ODE right-hand side that counts its evaluations (NFE, docs/algorithm.md §6.1 item 3) and keeps the time
     inside the integration interval (solver initial-step probes may look beyond it)."""
 
     def __init__(self, fn: Callable, t_lo: float, t_hi: float):
@@ -108,7 +108,7 @@ def solve_ode(
     method: str = "dopri5",
     norm: Callable | None = None,
 ) -> tuple:
-    """Integrate ``dy/dt = drift_fn(t, y)`` from ``t_start`` to ``t_end`` with an adaptive RK5(4) (spec §6.1, §7.1).
+    """Integrate ``dy/dt = drift_fn(t, y)`` from ``t_start`` to ``t_end`` with an adaptive RK5(4) (docs/algorithm.md §6.1, §7.1).
 
     ``atol = rtol = tol``; ``y0`` is a tensor or a tuple of tensors.
 
@@ -176,7 +176,7 @@ def sample_ode(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> SampleResult:
-    """Sample by integrating the probability-flow ODE from t = 1 to ``ode_eps`` (spec §6.1).
+    """Sample by integrating the probability-flow ODE from t = 1 to ``ode_eps`` (docs/algorithm.md §6.1).
 
     ``z_1 = temperature · n``, ``n ~ N(0, I)``; adaptive RK5(4) with ``atol = rtol = tol``.
 
@@ -224,7 +224,7 @@ def sample_ancestral(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> SampleResult:
-    """Discretised ancestral (DDPM-style) sampler derived from the continuous variance (spec §6.3).
+    """Discretised ancestral (DDPM-style) sampler derived from the continuous variance (docs/algorithm.md §6.3).
 
     ``ᾱ_k = 1 − σ²(k/N)``, ``β_1 = 1 − ᾱ_1``, ``β_k = 1 − ᾱ_k/ᾱ_{k−1}``; the network is queried at
     ``t = k/N``, where the mixed prediction's Normal part ``σ_t z_k`` equals ``sqrt(1 − ᾱ_k) z_k``;

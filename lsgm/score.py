@@ -1,11 +1,11 @@
-"""Mixed score parameterisation of the SGM prior (spec §3).
+"""Mixed score parameterisation of the SGM prior (docs/algorithm.md §3).
 
 The prior predicts the diffusion noise (ε-prediction). Its prediction blends the analytic
 ε-prediction of a diffused standard Normal, ``σ_t z_t``, with a neural correction ``ε'_θ``:
 
 ``ε_pred(z_t, t) = (1 − α) ⊙ σ_t z_t + α ⊙ ε'_θ(z_t, t)``, ``α = sigmoid(ℓ)``,
 
-one logit ``ℓ`` per latent channel (shape ``(1, C, 1, 1)``; spec §3.2, decision §12 item 3).
+one logit ``ℓ`` per latent channel (shape ``(1, C, 1, 1)``; docs/algorithm.md §3.2, docs/algorithm.md §12 item 3).
 The score is ``∇ log p_t(z_t) = −ε_pred / σ_t``.
 
 Convention used by every sampler, loss and likelihood in this package:
@@ -35,13 +35,13 @@ EpsFn = Callable[[Tensor, Tensor], Tensor]
 """``eps_fn(z_t: (B, C, H, W), t: (B,)) -> ε_pred: (B, C, H, W)``."""
 
 INACTIVE_LOGIT = -15.0
-"""Mixing logit ℓ given to inactive (posterior-collapsed) channels (spec §3.3): α ≈ 3e-7."""
+"""Mixing logit ℓ given to inactive (posterior-collapsed) channels (docs/algorithm.md §3.3): α ≈ 3e-7."""
 
 
 def broadcast_per_sample(x: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-sample tensor ``x: (B,)`` (e.g. σ_t², w(t)) to ``(B, 1, ..., 1)`` to broadcast against ``like``.
 
-    Per-sample convention of spec §4.4: one t (and weight) per latent sample.
+    Per-sample convention of docs/algorithm.md §4.4: one t (and weight) per latent sample.
 
     Tensors that already have ``like``'s number of dimensions (or are scalars) are returned unchanged.
 
@@ -55,13 +55,13 @@ def broadcast_per_sample(x: Tensor, like: Tensor) -> Tensor:
 
 
 def mixed_eps_prediction(z_t: Tensor, var_t: Tensor, net_out: Tensor, mixing_logit: Tensor) -> Tensor:
-    """Mixed ε-prediction ``(1 − α) σ_t z_t + α ε'_θ`` with ``α = sigmoid(ℓ)`` (spec §3.1, Eq. "mixed score").
+    """Mixed ε-prediction ``(1 − α) σ_t z_t + α ε'_θ`` with ``α = sigmoid(ℓ)`` (docs/algorithm.md §3.1, Eq. "mixed score").
 
     Args:
         z_t: diffused latents, shape ``(B, C, H, W)``.
         var_t: kernel variance ``σ_t²``, shape ``(B,)`` (or broadcastable to ``z_t``).
         net_out: the network's ε-prediction ``ε'_θ(z_t, t)``, shape ``(B, C, H, W)``.
-        mixing_logit: ``ℓ``, shape ``(1, C, 1, 1)`` (one logit per latent channel, spec §3.2).
+        mixing_logit: ``ℓ``, shape ``(1, C, 1, 1)`` (one logit per latent channel, docs/algorithm.md §3.2).
 
     Returns:
         ``ε_pred``, shape ``(B, C, H, W)``.
@@ -72,7 +72,7 @@ def mixed_eps_prediction(z_t: Tensor, var_t: Tensor, net_out: Tensor, mixing_log
 
 
 def score_from_eps(eps_pred: Tensor, var_t: Tensor) -> Tensor:
-    """Score ``∇_z log p_t(z) = −ε_pred / σ_t`` (spec §3.1).
+    """Score ``∇_z log p_t(z) = −ε_pred / σ_t`` (docs/algorithm.md §3.1).
 
     Args:
         eps_pred: ε-prediction, shape ``(B, C, H, W)``.
@@ -85,22 +85,22 @@ def score_from_eps(eps_pred: Tensor, var_t: Tensor) -> Tensor:
 
 
 class MixedScore(nn.Module):
-    """SGM prior ε-prediction with the mixed score (spec §3) around a backbone (e.g. NCSN++, spec §5).
+    """SGM prior ε-prediction with the mixed score (docs/algorithm.md §3) around a backbone (e.g. NCSN++, docs/algorithm.md §5).
 
     ``forward(z_t, t) = (1 − α) σ_t z_t + α backbone(z_t ⊙ mask, t)``, ``α = sigmoid(ℓ)``.
 
     State (all saved in ``state_dict``):
-        * ``mixing_logit`` (parameter, ``(1, C, 1, 1)``): ℓ, trained with the SGM (spec §3.2).
+        * ``mixing_logit`` (parameter, ``(1, C, 1, 1)``): ℓ, trained with the SGM (docs/algorithm.md §3.2).
         * ``inactive_mask`` (persistent buffer, ``(1, C, 1, 1)``): 0/1 channel mask multiplied into the
-          backbone input (spec §3.3). Unlike the official code, the mask is persisted so a resumed or
-          evaluated model behaves exactly as the trained one (decision §12 item 5).
+          backbone input (docs/algorithm.md §3.3). Unlike the official code, the mask is persisted so a resumed or
+          evaluated model behaves exactly as the trained one (docs/algorithm.md §12 item 5).
 
     Args:
         backbone: callable module ``backbone(x: (B, C, H, W), t: (B,)) -> (B, C, H, W)`` with ``t`` the
             continuous diffusion time in [0, 1].
-        sde: forward SDE giving ``σ_t²`` (spec §2).
+        sde: forward SDE giving ``σ_t²`` (docs/algorithm.md §2).
         num_channels: number of latent channels C.
-        mixing_logit_init: initial ℓ (−3 CIFAR-10, −6 MNIST/OMNIGLOT/CelebA; spec §3.2).
+        mixing_logit_init: initial ℓ (−3 CIFAR-10, −6 MNIST/OMNIGLOT/CelebA; docs/algorithm.md §3.2).
     """
 
     def __init__(self, backbone: nn.Module, sde: SDE, num_channels: int, mixing_logit_init: float = -3.0):
@@ -114,7 +114,7 @@ class MixedScore(nn.Module):
         self.register_buffer("inactive_mask", torch.ones(1, self.num_channels, 1, 1), persistent=True)
 
     def forward(self, z_t: Tensor, t: Tensor) -> Tensor:
-        """Mixed ε-prediction ``ε_pred(z_t, t)`` (spec §3.1, §3.3).
+        """Mixed ε-prediction ``ε_pred(z_t, t)`` (docs/algorithm.md §3.1, §3.3).
 
         Args:
             z_t: diffused latents, shape ``(B, C, H, W)``.
@@ -130,7 +130,7 @@ class MixedScore(nn.Module):
         return mixed_eps_prediction(z_t, var_t, net_out, self.mixing_logit)
 
     def score(self, z_t: Tensor, t: Tensor) -> Tensor:
-        """Score ``∇ log p_t(z_t) = −ε_pred/σ_t`` (spec §3.1).
+        """Score ``∇ log p_t(z_t) = −ε_pred/σ_t`` (docs/algorithm.md §3.1).
 
         Args:
             z_t: ``(B, C, H, W)``.
@@ -140,7 +140,7 @@ class MixedScore(nn.Module):
 
     @torch.no_grad()
     def set_inactive_channels(self, inactive: Tensor) -> None:
-        """Mark posterior-collapsed channels inactive (``--drop_inactive_var``, spec §3.3).
+        """Mark posterior-collapsed channels inactive (``--drop_inactive_var``, docs/algorithm.md §3.3).
 
         Sets ``ℓ_c = −15`` and zeroes the input mask for every inactive channel c; active channels
         keep their logit and get mask 1.
@@ -160,7 +160,7 @@ class MixedScore(nn.Module):
 
 
 def gaussian_eps_fn(sde: SDE, mean: float | Tensor, cov: float | Tensor) -> EpsFn:
-    """Exact ε-prediction of latents with data distribution ``z0 ~ N(μ, Σ)`` (spec §3.1 closed form).
+    """Exact ε-prediction of latents with data distribution ``z0 ~ N(μ, Σ)`` (docs/algorithm.md §3.1 closed form).
 
     The diffused marginal is ``N(m_t μ, m_t² Σ + σ_t² I)``, so ``ε*(z_t, t) = σ_t (m_t² Σ + σ_t² I)⁻¹ (z_t − m_t μ)``
     (score ``−ε*/σ_t``). With ``μ = 0``, ``Σ = I`` and ``σ0² = 0`` this is the Normal part ``σ_t z_t`` of the

@@ -1,9 +1,9 @@
-"""Forward SDEs of LSGM's latent diffusion (spec §2).
+"""Forward SDEs of LSGM's latent diffusion (docs/algorithm.md §2).
 
 Both SDEs are variance-preserving: ``dz = f(t) z dt + g(t) dW`` on ``t ∈ [0, 1]`` with
 ``f(t) = −β(t)/2`` and ``g²(t) = β(t)``. The perturbation kernel is
 ``q(z_t | z0) = N(m_t z0, σ_t² I)`` with ``σ_t² = 1 − (1 − σ0²) m_t²``, where ``σ0²``
-(``sigma2_0``) is the kernel variance already present at ``t = 0`` (spec §2, §2.5).
+(``sigma2_0``) is the kernel variance already present at ``t = 0`` (docs/algorithm.md §2, §2.5).
 
 Paper symbols and method names:
 
@@ -32,7 +32,7 @@ __all__ = ["SDE", "VPSDE", "GeometricVPSDE", "make_sde", "SDE_KINDS"]
 
 
 class SDE(ABC):
-    """Base class of a VP-type forward SDE ``dz = f(t) z dt + g(t) dW`` (spec §2).
+    """Base class of a VP-type forward SDE ``dz = f(t) z dt + g(t) dW`` (docs/algorithm.md §2).
 
     Subclasses define ``g2`` (= β(t)), ``var`` (σ_t²), ``mean_coef`` (m_t) and ``inv_var``;
     ``f`` and ``std`` follow from them.
@@ -46,22 +46,22 @@ class SDE(ABC):
 
     @abstractmethod
     def g2(self, t: Tensor) -> Tensor:
-        """Squared diffusion coefficient ``g²(t) = β(t)`` (spec §2.5)."""
+        """Squared diffusion coefficient ``g²(t) = β(t)`` (docs/algorithm.md §2.5)."""
 
     @abstractmethod
     def var(self, t: Tensor) -> Tensor:
-        """Kernel variance ``σ_t²`` of ``q(z_t | z0)`` (spec §2.5)."""
+        """Kernel variance ``σ_t²`` of ``q(z_t | z0)`` (docs/algorithm.md §2.5)."""
 
     @abstractmethod
     def mean_coef(self, t: Tensor) -> Tensor:
-        """Kernel mean coefficient ``m_t`` of ``q(z_t | z0) = N(m_t z0, σ_t² I)`` (spec §2.5)."""
+        """Kernel mean coefficient ``m_t`` of ``q(z_t | z0) = N(m_t z0, σ_t² I)`` (docs/algorithm.md §2.5)."""
 
     @abstractmethod
     def inv_var(self, var: Tensor) -> Tensor:
-        """Inverse of ``var``: the time ``t(σ²)`` with ``σ_t² = var`` (spec §2.5, last row)."""
+        """Inverse of ``var``: the time ``t(σ²)`` with ``σ_t² = var`` (docs/algorithm.md §2.5, last row)."""
 
     def f(self, t: Tensor) -> Tensor:
-        """Drift coefficient ``f(t) = −g²(t)/2`` (spec §2.5).
+        """Drift coefficient ``f(t) = −g²(t)/2`` (docs/algorithm.md §2.5).
 
         Args:
             t: times in [0, 1], any shape.
@@ -72,7 +72,7 @@ class SDE(ABC):
         return -0.5 * self.g2(t)
 
     def std(self, t: Tensor) -> Tensor:
-        """Kernel standard deviation ``σ_t = sqrt(σ_t²)`` (spec §2, §3.1)."""
+        """Kernel standard deviation ``σ_t = sqrt(σ_t²)`` (docs/algorithm.md §2, §3.1)."""
         return self.var(t).sqrt()
 
 
@@ -82,7 +82,7 @@ def _check_sigma2_0(sigma2_0: float) -> None:
 
 
 class VPSDE(SDE):
-    """VPSDE with linear β(t) (spec §2.1): ``β(t) = β0 + (β1 − β0) t``.
+    """VPSDE with linear β(t) (docs/algorithm.md §2.1): ``β(t) = β0 + (β1 − β0) t``.
 
     ``σ_t² = 1 − (1 − σ0²) exp(−β0 t − ½(β1 − β0) t²)``,
     ``m_t = exp(−½ β0 t − ¼ (β1 − β0) t²)``.
@@ -108,11 +108,11 @@ class VPSDE(SDE):
         return f"VPSDE(beta_min={self.beta_min}, beta_max={self.beta_max}, sigma2_0={self.sigma2_0})"
 
     def _int_beta(self, t: Tensor) -> Tensor:
-        # ∫_0^t β(s) ds = β0 t + ½ (β1 − β0) t²  (spec §2.1)
+        # ∫_0^t β(s) ds = β0 t + ½ (β1 − β0) t²  (docs/algorithm.md §2.1)
         return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
 
     def g2(self, t: Tensor) -> Tensor:
-        """``g²(t) = β(t) = β0 + (β1 − β0) t`` (spec §2.1).
+        """``g²(t) = β(t) = β0 + (β1 − β0) t`` (docs/algorithm.md §2.1).
 
         Args:
             t: times, any shape/dtype/device.
@@ -120,7 +120,7 @@ class VPSDE(SDE):
         return self.beta_min + (self.beta_max - self.beta_min) * t
 
     def var(self, t: Tensor) -> Tensor:
-        """``σ_t² = σ0² + (1 − σ0²)(1 − e^{−∫β})`` (spec §2.1), written with expm1 for small t.
+        """``σ_t² = σ0² + (1 − σ0²)(1 − e^{−∫β})`` (docs/algorithm.md §2.1), written with expm1 for small t.
 
         Args:
             t: times, any shape/dtype/device.
@@ -128,7 +128,7 @@ class VPSDE(SDE):
         return self.sigma2_0 - (1.0 - self.sigma2_0) * torch.expm1(-self._int_beta(t))
 
     def mean_coef(self, t: Tensor) -> Tensor:
-        """``m_t = exp(−½ ∫_0^t β)`` (spec §2.1).
+        """``m_t = exp(−½ ∫_0^t β)`` (docs/algorithm.md §2.1).
 
         Args:
             t: times, any shape/dtype/device.
@@ -139,7 +139,7 @@ class VPSDE(SDE):
         """``t(σ²) = (−β0 + sqrt(β0² − 2ac))/a`` with ``a = β1 − β0``, ``c = log((1−σ²)/(1−σ0²))``.
 
         Evaluated in the algebraically equal form ``−2c / (β0 + sqrt(β0² − 2ac))``, which has
-        no cancellation at small t (spec §2.1).
+        no cancellation at small t (docs/algorithm.md §2.1).
 
         Args:
             var: kernel variances in [σ0², 1), any shape/dtype/device.
@@ -152,7 +152,7 @@ class VPSDE(SDE):
 
 
 class GeometricVPSDE(SDE):
-    """The paper's geometric VPSDE (spec §2.2): ``log σ_t²`` (almost) linear in t.
+    """The paper's geometric VPSDE (docs/algorithm.md §2.2): ``log σ_t²`` (almost) linear in t.
 
     With ``r = σ²_max/σ²_min`` and ``s(t) = σ²_min r^t``:
     ``σ_t² = s(t) − σ²_min + σ0²``, ``g²(t) = β(t) = s(t) log r / (1 − σ_t²)``,
@@ -189,7 +189,7 @@ class GeometricVPSDE(SDE):
         )
 
     def var(self, t: Tensor) -> Tensor:
-        """``σ_t² = σ0² + σ²_min (r^t − 1)`` (spec §2.2).
+        """``σ_t² = σ0² + σ²_min (r^t − 1)`` (docs/algorithm.md §2.2).
 
         Args:
             t: times, any shape/dtype/device.
@@ -197,7 +197,7 @@ class GeometricVPSDE(SDE):
         return self.sigma2_0 + self.sigma2_min * torch.expm1(self.log_r * t)
 
     def g2(self, t: Tensor) -> Tensor:
-        """``g²(t) = σ²_min r^t log r / (1 − σ0² + σ²_min − σ²_min r^t)`` (spec §2.2).
+        """``g²(t) = σ²_min r^t log r / (1 − σ0² + σ²_min − σ²_min r^t)`` (docs/algorithm.md §2.2).
 
         Args:
             t: times, any shape/dtype/device.
@@ -206,7 +206,7 @@ class GeometricVPSDE(SDE):
         return s * self.log_r / (1.0 - self.var(t))
 
     def mean_coef(self, t: Tensor) -> Tensor:
-        """``m_t = sqrt(1 + σ²_min (1 − r^t)/(1 − σ0²))`` (spec §2.2).
+        """``m_t = sqrt(1 + σ²_min (1 − r^t)/(1 − σ0²))`` (docs/algorithm.md §2.2).
 
         Args:
             t: times, any shape/dtype/device.
@@ -214,7 +214,7 @@ class GeometricVPSDE(SDE):
         return torch.sqrt(1.0 - self.sigma2_min * torch.expm1(self.log_r * t) / (1.0 - self.sigma2_0))
 
     def inv_var(self, var: Tensor) -> Tensor:
-        """``t(σ²) = log((σ² + σ²_min − σ0²)/σ²_min) / log r`` (spec §2.2).
+        """``t(σ²) = log((σ² + σ²_min − σ0²)/σ²_min) / log r`` (docs/algorithm.md §2.2).
 
         Args:
             var: kernel variances in [σ0², σ²(1)], any shape/dtype/device.
@@ -226,7 +226,7 @@ SDE_KINDS: dict[str, type[SDE]] = {cls.kind: cls for cls in (VPSDE, GeometricVPS
 
 
 def make_sde(kind: str, **params: Any) -> SDE:
-    """Build the forward SDE named by ``kind`` (spec §2.1, §2.2, §2.5).
+    """Build the forward SDE named by ``kind`` (docs/algorithm.md §2.1, §2.2, §2.5).
 
     Args:
         kind: ``"vpsde"`` (params ``beta_min``, ``beta_max``, ``sigma2_0``: β0, β1, σ0²) or

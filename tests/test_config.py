@@ -41,7 +41,7 @@ def test_cifar10_best_fid_matches_spec_9_1():
     assert cfg.sampling.ode_eps == 1e-6 and cfg.sampling.ode_tol == 1e-5
     assert cfg.train_vae.epochs == 400 and cfg.train_vae.kl_max_coeff == 0.7
     assert cfg.vae.num_groups_per_scale * cfg.vae.num_latent_per_group == 180
-    assert cfg.vae.latent_shape(cfg.data) == (180, 16, 16)  # spec §1.2
+    assert cfg.vae.latent_shape(cfg.data) == (180, 16, 16)  # docs/algorithm.md §1.2
 
 
 def test_celeba_qualitative_has_three_stages_per_spec_9_4():

@@ -1,4 +1,4 @@
-"""Loading prepared splits, load-time preprocessing (spec §8, §1.6) and the resumable batch order."""
+"""Loading prepared splits, load-time preprocessing (docs/algorithm.md §8, §1.6) and the resumable batch order."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_dynamic_binarisation_statistics():
 
 
 def test_five_bit_levels_match_spec_formula():
-    """Spec §1.6: floor(255 x / 2^(8-b)) / (2^b - 1); for b = 5 that is floor(k / 8) / 31."""
+    """docs/algorithm.md §1.6: floor(255 x / 2^(8-b)) / (2^b - 1); for b = 5 that is floor(k / 8) / 31."""
     k = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
     x = preprocess(k, max_value=255, binarize=False, num_x_bits=5, flip=False, generator=torch.Generator())
     k64 = np.arange(256, dtype=np.float64)

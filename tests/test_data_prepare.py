@@ -1,4 +1,4 @@
-"""`prepare_dataset` on tiny raw files written in the real formats (spec §8)."""
+"""`prepare_dataset` on tiny raw files written in the real formats (docs/algorithm.md §8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sampling and NLL evaluation on tiny random-weight models (spec §6.1, §7.1).
+"""Sampling and NLL evaluation on tiny random-weight models (docs/algorithm.md §6.1, §7.1).
 
 A tiny NVAE + tiny NCSN++ are built from a params YAML written to tmp_path, saved with ``save_model`` as a
 stage-1 (``vae``) and a prior-stage (``lsgm``) model sharing the same VAE weights. With the mixing logit at −30

@@ -1,4 +1,4 @@
-"""ODE likelihood of latents by the instantaneous change of variables (spec §7.1)."""
+"""ODE likelihood of latents by the instantaneous change of variables (docs/algorithm.md §7.1)."""
 
 import math
 

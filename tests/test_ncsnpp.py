@@ -1,4 +1,4 @@
-"""Tests of the NCSN++ score network (spec §5), its layers and the pure-PyTorch upfirdn2d."""
+"""Tests of the NCSN++ score network (docs/algorithm.md §5), its layers and the pure-PyTorch upfirdn2d."""
 
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ def _numel(module: nn.Module) -> int:
 def test_parameter_count_configuration_a():
     """Configuration A (issue 4): NCSN++ nf 64, 2 resolutions (16, 8), 2 res blocks, channel_mult (1, 1),
     dropout 0.2, no FIR, 16 latent channels of 16×16. Official total: 2,191,456 = 2,191,440 (NCSN++) + 16 (the
-    mixing logits ℓ, shape (1, 16, 1, 1), spec §3.2, held here by ``MixedScore``).
+    mixing logits ℓ, shape (1, 16, 1, 1), docs/algorithm.md §3.2, held here by ``MixedScore``).
 
-    Decomposition (temb width T = 4 · 128 = 512 — the spec's fixed 512, not 4 · nf; C = 64):
+    Decomposition (temb width T = 4 · 128 = 512 — the fixed 512 of docs/algorithm.md §5, not 4 · nf; C = 64):
       time MLP   Linear(128→512) + Linear(512→512)          = 66,048 + 262,656           = 328,704
       conv_in    3×3, 16→64                                                              =   9,280
       ResBlock 64→64   GN 128 + conv 36,928 + Dense(512→64) 32,832 + GN 128 + conv 36,928 = 106,944
@@ -84,7 +84,7 @@ def test_parameter_count_configuration_a():
 
 
 def test_regulariser_view_configuration_a():
-    """Spec §1.7: the spectral term finds exactly the nn.Conv2d layers; NIN/resamplers are not convs; every
+    """docs/algorithm.md §1.7: the spectral term finds exactly the nn.Conv2d layers; NIN/resamplers are not convs; every
     normalisation is a GroupNorm (max|γ| term). Config A: 14 res blocks × 2 convs + 8 shortcuts + in/out = 38 convs;
     14 × 2 + 4 attention + 1 output = 33 GroupNorms; 4 attention blocks × 4 NIN."""
     net = NCSNpp(**CONFIG_A)
@@ -143,7 +143,7 @@ def test_output_near_zero_at_init_and_gradients_reach_every_parameter():
 
 
 def test_zero_initialised_layers():
-    """Spec §5: Conv_1 of each block, the output conv and attention out are ~0 (variance 1e-10 / fan_avg)."""
+    """docs/algorithm.md §5: Conv_1 of each block, the output conv and attention out are ~0 (variance 1e-10 / fan_avg)."""
     net = NCSNpp(**CONFIG_A)
     for m in net.modules():
         if isinstance(m, ResBlockBigGAN):
@@ -340,7 +340,7 @@ def test_naive_resampling_matches_torch():
 
 
 def test_attention_block_and_nin_equal_the_explicit_formulas():
-    """AttnBlock (fused scaled_dot_product_attention) and NIN (1x1 conv) compute spec §5's formulas (float64)."""
+    """AttnBlock (fused scaled_dot_product_attention) and NIN (1x1 conv) compute docs/algorithm.md §5's formulas (float64)."""
     torch.manual_seed(0)
     blk = AttnBlock(8).double()
     for m in (blk.q, blk.k, blk.v, blk.out):  # non-trivial weights (out is ~0 at init)

@@ -1,4 +1,4 @@
-"""Importance sampling of t, SGM objective and score-matching cross-entropy (spec §4.2–§4.5)."""
+"""Importance sampling of t, SGM objective and score-matching cross-entropy (docs/algorithm.md §4.2–§4.5)."""
 
 import math
 
@@ -44,7 +44,7 @@ def _scalar(sde_fn, t):
 
 
 def stated_density(sde, mode, time_eps):
-    """Sampling density r(t) on [time_eps, 1] as stated in spec §4.3, vectorised over a float64 tensor."""
+    """Sampling density r(t) on [time_eps, 1] as stated in docs/algorithm.md §4.3, vectorised over a float64 tensor."""
     ve, v1 = _scalar(sde.var, time_eps), _scalar(sde.var, 1.0)
     if mode in UNIFORM_MODES:
         return lambda t: torch.full_like(t, 1.0 / (1.0 - time_eps))
@@ -116,7 +116,7 @@ def sampler_expectation(sde, mode, time_eps, compat, field):
 
 
 def official_factor(sde, mode, time_eps):
-    """Known bias of the reference code's w_ll (spec §4.2, §4.3)."""
+    """Known bias of the reference code's w_ll (docs/algorithm.md §4.2, §4.3)."""
     if mode in UNIFORM_MODES:
         return 1.0 / (1.0 - time_eps)
     if mode == "drop_all_iw":
@@ -173,7 +173,7 @@ def test_weight_p_matches_its_weighting(sde_name, time_eps, mode):
 
 @pytest.mark.parametrize("compat", ["exact", "official"])
 def test_geometric_ll_uniform_equals_ll_iw(compat):
-    """Geometric SDE with σ0² = σ²_min and time_eps = 0: ll_iw is exactly uniform in t (spec §4.3)."""
+    """Geometric SDE with σ0² = σ²_min and time_eps = 0: ll_iw is exactly uniform in t (docs/algorithm.md §4.3)."""
     sde = SDES["geometric"]
     rho = torch.linspace(0.0, 0.999, 97, dtype=F64)
     a, b = sample_t(sde, "ll_uniform", rho, 0.0, compat), sample_t(sde, "ll_iw", rho, 0.0, compat)
@@ -182,7 +182,7 @@ def test_geometric_ll_uniform_equals_ll_iw(compat):
 
 
 def test_drop_all_iw_official_normaliser_bias():
-    """The coded normaliser is 1.00226× the exact one for β0 = 0.1, β1 = 20 (spec §4.3)."""
+    """The coded normaliser is 1.00226× the exact one for β0 = 0.1, β1 = 20 (docs/algorithm.md §4.3)."""
     sde = SDES["vpsde"]
     exact_z, _ = integrate.quad(lambda s: 1.0 - _scalar(sde.var, s), 0.01, 1.0, epsabs=0, epsrel=1e-12)
     assert drop_all_iw_normalizer(sde, 0.01, "exact") == pytest.approx(exact_z, rel=1e-10)
@@ -217,7 +217,7 @@ def test_sample_t_rejects_bad_input():
 
 
 def test_cross_entropy_const():
-    """½(1 + log 2πσ²(time_eps)) = ½ log(2πe σ²(ε_t)); = paper's ½ log(2πe σ0²) when time_eps = 0 (spec §4.2)."""
+    """½(1 + log 2πσ²(time_eps)) = ½ log(2πe σ²(ε_t)); = paper's ½ log(2πe σ0²) when time_eps = 0 (docs/algorithm.md §4.2)."""
     sde = SDES["vpsde"]
     var_e = _scalar(sde.var, 0.01)
     for compat in ("exact", "official"):
@@ -243,7 +243,7 @@ def gauss_ce(a, va, b, vb):
 
 def expected_ce_per_element(sde, time_eps, mu_q, s_q, mu_p, s_p):
     """E[ce_elem] = CE(q_ε‖p_ε) − [CE(q_1‖p_1) − ½ log(2πe σ1²)] (Theorem 1 with cut-off; the bracket is
-    the ignored prior mismatch at t = 1, "kl_T = 0", spec §4.2). q_t, p_t: Gaussians diffused by the SDE."""
+    the ignored prior mismatch at t = 1, "kl_T = 0", docs/algorithm.md §4.2). q_t, p_t: Gaussians diffused by the SDE."""
 
     def marg(t, mu, s):
         m, v = _scalar(sde.mean_coef, t), _scalar(sde.var, t)
@@ -279,7 +279,7 @@ CE_CASES = [
 
 @pytest.mark.parametrize("sde_name, time_eps, p_mode, q_mode", CE_CASES)
 def test_cross_entropy_estimate_matches_gaussian_closed_form(sde_name, time_eps, p_mode, q_mode):
-    """With the analytic ε-prediction of a Gaussian prior, Σ ce_elem averages to the closed-form CE (spec §4.2)."""
+    """With the analytic ε-prediction of a Gaussian prior, Σ ce_elem averages to the closed-form CE (docs/algorithm.md §4.2)."""
     sde = SDES[sde_name]
     target = expected_ce_per_element(sde, time_eps, MU_Q, S_Q, MU_P, S_P) * math.prod(SHAPE)
     z0, gen = gaussian_batch(32768, seed=11)

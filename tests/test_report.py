@@ -1,4 +1,4 @@
-"""`lsgm report` on fixture metric files: every paper number of spec §10, ours, differences, protocol, claims."""
+"""`lsgm report` on fixture metric files: every paper number of docs/algorithm.md §10, ours, differences, protocol, claims."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 from lsgm.cli import main
 from lsgm.report import CSV_COLUMNS, write_report
 
-# Every number of spec §10's results table, as printed there (independent of lsgm.paper_results).
+# Every number of docs/algorithm.md §10's results table, as printed there (independent of lsgm.paper_results).
 SPEC_10_NUMBERS = ["2.10", "3.43", "138", "9.87", "0.61", "6.89", "2.87", "2.17", "2.95", "7.22", "0.70", "23",
                    "4.15", "4000", "7.23", "87.79", "78.47", "7.60", "34.71", "5.19", "9.00", "147"]
 

@@ -1,4 +1,4 @@
-"""Probability-flow ODE and ancestral sampling with the analytic score of Gaussian data (spec §6)."""
+"""Probability-flow ODE and ancestral sampling with the analytic score of Gaussian data (docs/algorithm.md §6)."""
 
 import math
 
@@ -90,7 +90,7 @@ def test_ode_sampling_float32_default_dtype():
 
 @pytest.mark.parametrize("name", SDES)
 def test_probability_flow_drift_of_standard_normal_is_zero(name):
-    """σ0² = 0 and ε_pred = σ_t z (exact for N(0, I) data): dz/dt = (f + ½ g²) z = 0 (spec §3.4)."""
+    """σ0² = 0 and ε_pred = σ_t z (exact for N(0, I) data): dz/dt = (f + ½ g²) z = 0 (docs/algorithm.md §3.4)."""
     sde = make_sde("vpsde") if name == "vpsde" else make_sde("geometric", sigma2_0=0.0)
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(5, 2, 3, 3, generator=gen, dtype=F64)
@@ -100,7 +100,7 @@ def test_probability_flow_drift_of_standard_normal_is_zero(name):
 
 
 def ancestral_moments(sde, steps, temperature):
-    """Exact mean/variance after the linear-Gaussian ancestral chain of spec §6.3 with the analytic ε."""
+    """Exact mean/variance after the linear-Gaussian ancestral chain of docs/algorithm.md §6.3 with the analytic ε."""
     times = torch.arange(steps + 1, dtype=F64) / steps
     alpha_bar = 1.0 - sde.var(times)
     mean, var = 0.0, temperature**2

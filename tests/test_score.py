@@ -1,4 +1,4 @@
-"""Mixed score parameterisation (spec §3)."""
+"""Mixed score parameterisation (docs/algorithm.md §3)."""
 
 import math
 
@@ -51,7 +51,7 @@ def test_very_negative_logit_returns_normal_part_whatever_net_out():
 
 @pytest.mark.parametrize("name", SDES_SIGMA0_ZERO)
 def test_normal_part_is_exact_score_of_diffused_standard_normal(name):
-    """z0 ~ N(0, I), σ0² = 0 ⇒ z_t ~ N(0, I) and −(σ_t z_t)/σ_t = −z_t = ∇ log N(z_t; 0, I) (spec §3.1)."""
+    """z0 ~ N(0, I), σ0² = 0 ⇒ z_t ~ N(0, I) and −(σ_t z_t)/σ_t = −z_t = ∇ log N(z_t; 0, I) (docs/algorithm.md §3.1)."""
     sde = SDES_SIGMA0_ZERO[name]
     z, t, _ = batch()
     var = sde.var(t)

@@ -1,4 +1,4 @@
-"""Closed-form identities of the forward SDEs (spec §2)."""
+"""Closed-form identities of the forward SDEs (docs/algorithm.md §2)."""
 
 import math
 
@@ -26,7 +26,7 @@ def build(name):
 
 @pytest.mark.parametrize("name", SDES)
 def test_variance_ode_identity(name):
-    """dσ²/dt = 2 f σ² + g² (spec §2: kernel variance of dz = f z dt + g dW)."""
+    """dσ²/dt = 2 f σ² + g² (docs/algorithm.md §2: kernel variance of dz = f z dt + g dW)."""
     sde = build(name)
     t = torch.linspace(0.0, 1.0, 201, dtype=torch.float64, requires_grad=True)
     var = sde.var(t)
@@ -37,7 +37,7 @@ def test_variance_ode_identity(name):
 
 @pytest.mark.parametrize("name", SDES)
 def test_mean_coef_ode_and_f(name):
-    """dm/dt = f m and f = −g²/2 (spec §2, §2.5)."""
+    """dm/dt = f m and f = −g²/2 (docs/algorithm.md §2, §2.5)."""
     sde = build(name)
     t = torch.linspace(0.0, 1.0, 101, dtype=torch.float64, requires_grad=True)
     m = sde.mean_coef(t)
@@ -55,7 +55,7 @@ def test_inverse_variance_round_trip(name):
 
 @pytest.mark.parametrize("name", SDES)
 def test_variance_preserving_and_initial_variance(name):
-    """(1 − σ0²) m_t² = 1 − σ_t², var(0) = σ0², m_0 = 1 (spec §2)."""
+    """(1 − σ0²) m_t² = 1 − σ_t², var(0) = σ0², m_0 = 1 (docs/algorithm.md §2)."""
     sde = build(name)
     t = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
     torch.testing.assert_close((1 - sde.sigma2_0) * sde.mean_coef(t) ** 2, 1 - sde.var(t), rtol=1e-12, atol=1e-14)
@@ -66,20 +66,20 @@ def test_variance_preserving_and_initial_variance(name):
 
 
 def test_geometric_log_variance_is_linear():
-    """σ0² = σ²_min ⇒ σ_t² = σ²_min r^t, log σ_t² linear with slope log r (spec §2.2)."""
+    """σ0² = σ²_min ⇒ σ_t² = σ²_min r^t, log σ_t² linear with slope log r (docs/algorithm.md §2.2)."""
     sde = build("geometric")
     t = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
     log_var = torch.log(sde.var(t))
     expected = math.log(3e-5) + t * math.log(0.999 / 3e-5)
     torch.testing.assert_close(log_var, expected, rtol=0, atol=1e-12)
-    # β(1) ≈ 1.04e4 (spec §2.2): log r σ1²/(1 − σ1²)
+    # β(1) ≈ 1.04e4 (docs/algorithm.md §2.2): log r σ1²/(1 − σ1²)
     beta1 = float(sde.g2(torch.tensor(1.0, dtype=torch.float64)))
     assert beta1 == pytest.approx(math.log(0.999 / 3e-5) * 0.999 / 0.001, rel=1e-10)
     assert 1.03e4 < beta1 < 1.05e4
 
 
 def test_vpsde_closed_form_values():
-    """σ²(1) ≈ 0.9999568 for the README VPSDE (spec §2.1); inverse formula of §2.1 at a random v."""
+    """σ²(1) ≈ 0.9999568 for the README VPSDE (docs/algorithm.md §2.1); inverse formula of §2.1 at a random v."""
     sde = build("vpsde")
     one = torch.tensor(1.0, dtype=torch.float64)
     assert float(sde.var(one)) == pytest.approx(1 - math.exp(-10.05), abs=1e-15)

@@ -81,7 +81,7 @@ def test_lr_schedule_warmup_then_cosine_to_minimum():
 
 
 def test_schedule_is_defined_in_samples_seen():
-    """Same global batch on 1 or 8 processes: same iterations per epoch, so same LR/KL schedule (spec §12.10)."""
+    """Same global batch on 1 or 8 processes: same iterations per epoch, so same LR/KL schedule (docs/algorithm.md §12.10)."""
     one = BatchPlan.make(batch_size=256, global_batch_size=256, world_size=1, num_items=50000, where="t")
     eight = BatchPlan.make(batch_size=32, global_batch_size=256, world_size=8, num_items=50000, where="t")
     acc = BatchPlan.make(batch_size=32, global_batch_size=256, world_size=4, num_items=50000, where="t")

@@ -1,4 +1,4 @@
-"""Tests of the NVAE backbone (spec §1): cells, flows, decoder distributions, regularisation, the full model."""
+"""Tests of the NVAE backbone (docs/algorithm.md §1): cells, flows, decoder distributions, regularisation, the full model."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_parameter_count_configuration_a():
 @pytest.mark.parametrize("changes, shape", [
     (dict(num_channels_enc=64, num_channels_dec=64, num_preprocess_blocks=2, num_postprocess_blocks=2,
           num_preprocess_cells=3, num_postprocess_cells=3, num_latent_per_group=20, channel_mult=(1, 2, 2)),
-     (40, 8, 8)),                                                                      # MNIST, spec §1.2
+     (40, 8, 8)),                                                                      # MNIST, docs/algorithm.md §1.2
     (dict(num_channels_enc=64, num_channels_dec=64, num_cell_per_cond_enc=3, num_cell_per_cond_dec=3,
           num_groups_per_scale=3, num_latent_per_group=20), (60, 16, 16)),              # OMNIGLOT
 ])
@@ -236,7 +236,7 @@ def _levels(bits: int) -> torch.Tensor:
 def test_dml_sums_to_one_over_all_5bit_rgb_values():
     """Σ exp(log p) over the full 32³ grid of one RGB pixel = 1 (mixture + channel coefficients).
 
-    Exact up to the spec's density fallback in bins of mass < 1e-5 (a deviation of ~5e-7 here).
+    Exact up to the density fallback of docs/algorithm.md §1.6 in bins of mass < 1e-5 (a deviation of ~5e-7 here).
     """
     num_mix = 3
     params = _dml_params(3, num_mix)

@@ -1,4 +1,4 @@
-"""Datasets (spec §8): preparation of the raw formats and loading of the prepared arrays.
+"""Datasets (docs/algorithm.md §8): preparation of the raw formats and loading of the prepared arrays.
 
 ``prepare_dataset(name)`` writes ``data/prepared/<name>/{train,valid,test}.npy`` + ``manifest.json``
 (see :mod:`lsgm.data.prepare` for the format); :mod:`lsgm.data.loader` maps them back, applies the

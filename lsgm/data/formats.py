@@ -1,4 +1,4 @@
-"""Readers for the raw dataset formats of spec §8, written from the format descriptions.
+"""Readers for the raw dataset formats of docs/algorithm.md §8, written from the format descriptions.
 
 Every reader returns ``uint8`` arrays (or an iterator of them) and raises :class:`RawFormatError`
 naming the file and what was expected when the bytes do not have the expected format:
@@ -95,7 +95,7 @@ def read_omniglot_mat(path: Path) -> dict[str, np.ndarray]:
     """Read ``chardata.mat`` into uint8 images.
 
     Each column of ``data`` (train) and ``testdata`` (test) is a 784-vector holding a 28x28 image
-    in column-major order (spec §8); intensities v in [0, 1] are stored as ``round(255 v)``.
+    in column-major order (docs/algorithm.md §8); intensities v in [0, 1] are stored as ``round(255 v)``.
 
     Returns:
         ``{"train": (N_train, 28, 28) uint8, "test": (N_test, 28, 28) uint8}``.

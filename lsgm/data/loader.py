@@ -1,10 +1,10 @@
-"""Loading prepared datasets: splits, load-time preprocessing (spec §8, §1.6) and batch order.
+"""Loading prepared datasets: splits, load-time preprocessing (docs/algorithm.md §8, §1.6) and batch order.
 
 * :func:`load_split` maps ``<prepared_root>/<name>/<split>.npy`` (written by
   :func:`lsgm.data.prepare.prepare_dataset`) as a uint8 (N, C, H, W) tensor without reading it.
 * :func:`preprocess` turns a uint8 batch into floats in [0, 1]: random horizontal flip, then either
   dynamic binarisation ``x ~ Bernoulli(intensity)`` or the ``num_x_bits`` reduction.
-  (The model maps [0, 1] to [-1, 1] itself, spec §1.6.)
+  (The model maps [0, 1] to [-1, 1] itself, docs/algorithm.md §1.6.)
 * :class:`BatchIterator` yields index batches: a seeded per-epoch permutation, sharded across ranks
   like ``DistributedSampler``, resumable mid-epoch through ``state_dict``.
 """
@@ -85,7 +85,7 @@ def load_split(prepared_root: str | Path, name: str, split: str) -> PreparedSpli
 
 
 def reduce_bits(levels: torch.Tensor, num_x_bits: int) -> torch.Tensor:
-    """Spec §1.6 bit reduction of 8-bit levels k: ``floor(255 x / 2^(8-b)) / (2^b - 1)`` with x = k/255.
+    """docs/algorithm.md §1.6 bit reduction of 8-bit levels k: ``floor(255 x / 2^(8-b)) / (2^b - 1)`` with x = k/255.
 
     Computed on the integer levels (``floor(k / 2^(8-b))``) so that no float rounding can move a
     level across a bin edge. For b = 5: ``floor(k / 8) / 31``.
@@ -119,7 +119,7 @@ def preprocess(
     flip: bool,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Load-time preprocessing of a batch (spec §8 and §1.6).
+    """Load-time preprocessing of a batch (docs/algorithm.md §8 and §1.6).
 
     Order: optional random horizontal flip; then intensity ``x = k / max_value``; then either
     dynamic binarisation ``x ~ Bernoulli(x)`` (re-drawn on every call; digits, MNIST, OMNIGLOT) or

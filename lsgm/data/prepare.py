@@ -1,4 +1,4 @@
-"""`lsgm prepare NAME`: turn raw dataset files into the prepared format (spec §8).
+"""`lsgm prepare NAME`: turn raw dataset files into the prepared format (docs/algorithm.md §8).
 
 Prepared format (``FORMAT_VERSION`` 1), in ``<out_dir>/<name>/``:
 
@@ -43,7 +43,7 @@ from lsgm.data.formats import RawFormatError
 
 FORMAT_VERSION = 1
 DATASET_NAMES = ("digits", "mnist", "omniglot", "cifar10", "celeba256")
-#: Datasets dynamically binarised at load time (spec §8).
+#: Datasets dynamically binarised at load time (docs/algorithm.md §8).
 BINARISED_DATASETS = ("digits", "mnist", "omniglot")
 DIGITS_SPLIT = (1257, 270, 270)  # train / valid / test of the 1,797 scikit-learn digits
 CELEBA_SPLIT = (27000, 3000)  # train / valid of CelebA-HQ-256 (GLOW release)
@@ -261,7 +261,7 @@ class _Context:
 
 
 def _pad_to_32(images: np.ndarray) -> np.ndarray:
-    """(N, 28, 28) -> (N, 1, 32, 32) with 2 zero pixels on every side (spec §8)."""
+    """(N, 28, 28) -> (N, 1, 32, 32) with 2 zero pixels on every side (docs/algorithm.md §8)."""
     return np.pad(images, ((0, 0), (2, 2), (2, 2)))[:, None]
 
 

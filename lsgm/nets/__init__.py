@@ -1,4 +1,4 @@
-"""Score networks of the SGM prior (spec §5): the NCSN++ backbone and its building blocks."""
+"""Score networks of the SGM prior (docs/algorithm.md §5): the NCSN++ backbone and its building blocks."""
 
 from lsgm.nets.ncsnpp import AttnBlock, NCSNpp, ResBlockBigGAN
 

@@ -1,4 +1,4 @@
-"""Small building blocks of the NCSN++ score network (spec §5), written from the spec.
+"""Small building blocks of the NCSN++ score network (docs/algorithm.md §5), written from the description there and the papers (Song et al. 2021, NCSN++).
 
 * :func:`variance_scaling_` — DDPM "fan_avg, uniform" variance-scaling initialiser.
 * :func:`make_conv` — an ``nn.Conv2d`` with that initialiser and zero bias (scale 0 means ~0, i.e. 1e-10).
@@ -7,7 +7,7 @@
 * :func:`make_group_norm` — GroupNorm with ``min(C // 4, 32)`` groups and eps 1e-6.
 * :func:`timestep_embedding` — sinusoidal embedding of ``embedding_scale · t``.
 
-What the spectral regulariser (spec §1.7) sees: every 3×3 and shortcut 1×1 convolution is an ``nn.Conv2d``
+What the spectral regulariser (docs/algorithm.md §1.7) sees: every 3×3 and shortcut 1×1 convolution is an ``nn.Conv2d``
 and every normalisation is an ``nn.GroupNorm`` (its ``max|γ|`` is penalised). :class:`NIN` is deliberately
 *not* an ``nn.Conv2d`` (as in the official network, its weights are never spectrally regularised), and the
 up/down-sampling of :mod:`lsgm.nets.upfirdn` holds no parameters.
@@ -53,9 +53,9 @@ def fan_in_fan_out(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
 
 @torch.no_grad()
 def variance_scaling_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """DDPM initialiser: uniform with variance ``scale / fan_avg``, ``fan_avg = (fan_in + fan_out) / 2`` (spec §5).
+    """DDPM initialiser: uniform with variance ``scale / fan_avg``, ``fan_avg = (fan_in + fan_out) / 2`` (docs/algorithm.md §5).
 
-    A ``scale`` of 0 is replaced by :data:`ZERO_INIT_SCALE` (1e-10), the "initialised ~0" of spec §5.
+    A ``scale`` of 0 is replaced by :data:`ZERO_INIT_SCALE` (1e-10), the "initialised ~0" of docs/algorithm.md §5.
 
     Args:
         weight: tensor of shape ``(out, in, *kernel)``, filled in place.
@@ -113,7 +113,7 @@ def make_dense(in_features: int, out_features: int, init_scale: float = 1.0) -> 
 class NIN(nn.Module):
     """1×1 dense map over the channel axis: ``y[b, o, h, w] = Σ_i W[o, i] x[b, i, h, w] + b[o]``.
 
-    Not an ``nn.Conv2d`` on purpose (see module docstring, spec §1.7).
+    Not an ``nn.Conv2d`` on purpose (see module docstring, docs/algorithm.md §1.7).
 
     Args:
         in_ch: input channels.
@@ -133,12 +133,12 @@ class NIN(nn.Module):
 
 
 def group_norm_groups(channels: int) -> int:
-    """Number of GroupNorm groups used by NCSN++: ``min(C // 4, 32)`` (at least 1), spec §5."""
+    """Number of GroupNorm groups used by NCSN++: ``min(C // 4, 32)`` (at least 1), docs/algorithm.md §5."""
     return max(1, min(channels // 4, 32))
 
 
 def make_group_norm(channels: int) -> nn.GroupNorm:
-    """``nn.GroupNorm(min(C // 4, 32), C, eps=1e-6)`` with affine scale 1 and shift 0 (spec §5).
+    """``nn.GroupNorm(min(C // 4, 32), C, eps=1e-6)`` with affine scale 1 and shift 0 (docs/algorithm.md §5).
 
     Args:
         channels: number of channels C.
@@ -161,7 +161,7 @@ def make_group_norm(channels: int) -> nn.GroupNorm:
 
 
 def timestep_embedding(t: torch.Tensor, embedding_dim: int = 128, embedding_scale: float = 1000.0) -> torch.Tensor:
-    """Sinusoidal time embedding (spec §5).
+    """Sinusoidal time embedding (docs/algorithm.md §5).
 
     With ``half = embedding_dim / 2`` and frequencies ``f_k = exp(-k · ln(10000) / (half - 1))``, k = 0…half-1,
     returns ``[sin(s · t · f_k) for k] ++ [cos(s · t · f_k) for k]`` with ``s = embedding_scale`` (sin block first).

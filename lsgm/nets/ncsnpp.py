@@ -1,12 +1,12 @@
-"""NCSN++ score network as used by LSGM (spec §5), written here from the spec.
+"""NCSN++ score network as used by LSGM (docs/algorithm.md §5), written here from docs/algorithm.md §5 and Song et al. 2021 (NCSN++).
 
 The network maps a noisy latent ``z_t`` and continuous time ``t ∈ [0, 1]`` to the raw prediction ``ε'_θ(z_t, t)``;
-the mixed score of spec §3 (``α = sigmoid(ℓ)``, one logit per latent channel) lives in :mod:`lsgm.score`.
+the mixed score of docs/algorithm.md §3 (``α = sigmoid(ℓ)``, one logit per latent channel) lives in :mod:`lsgm.score`.
 
-Layout (spec §5), with ``L = num_scales`` resolutions ``R_i = image_size / 2^i``:
+Layout (docs/algorithm.md §5), with ``L = num_scales`` resolutions ``R_i = image_size / 2^i``:
 
 * time: ``temb = Dense(SiLU(Dense(sinusoid(embedding_scale · t))))``, widths ``D → 4D → 4D`` with
-  ``D = embedding_dim = 128`` (so 512, as in the spec for every nf), computed in fp32 with autocast off;
+  ``D = embedding_dim = 128`` (so 512, as in docs/algorithm.md §5 for every nf), computed in fp32 with autocast off;
 * input 3×3 conv ``C → nf``;
 * down path: per level ``num_res_blocks`` BigGAN blocks (each followed by attention if ``R_i`` is in
   ``attn_resolutions``), then a down-sampling block (except on the last level); every output is kept as a skip;
@@ -15,7 +15,7 @@ Layout (spec §5), with ``L = num_scales`` resolutions ``R_i = image_size / 2^i`
   concatenation, one attention if ``R_i`` is in ``attn_resolutions``, then an up-sampling block (except level 0);
 * output GroupNorm → SiLU → 3×3 conv ``nf → C`` (initialised ~0).
 
-What the spectral regulariser (spec §1.7) finds here: the ``nn.Conv2d`` layers (input/output convs, the two 3×3
+What the spectral regulariser (docs/algorithm.md §1.7) finds here: the ``nn.Conv2d`` layers (input/output convs, the two 3×3
 convs and the optional 1×1 shortcut of every block) and the ``nn.GroupNorm`` layers; the attention's NIN layers
 and the parameter-free resamplers are not ``nn.Conv2d``.
 """
@@ -45,7 +45,7 @@ Resample = Optional[Literal["up", "down"]]
 
 
 class ResBlockBigGAN(nn.Module):
-    """BigGAN-style residual block with time conditioning (spec §5).
+    """BigGAN-style residual block with time conditioning (docs/algorithm.md §5).
 
     ``h = Conv_1(Dropout(SiLU(GN_1(Conv_0(resample(SiLU(GN_0(x)))) + Dense(SiLU(temb))))))``,
     output ``(shortcut(resample(x)) + h) / √2``; the shortcut is a 1×1 conv when the width changes or the
@@ -106,7 +106,7 @@ class ResBlockBigGAN(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head spatial self-attention (spec §5): q/k/v/out are NIN layers, out initialised ~0.
+    """Single-head spatial self-attention (docs/algorithm.md §5): q/k/v/out are NIN layers, out initialised ~0.
 
     ``h = GN(x)``, ``w = softmax_{(i,j)}(q(h)_{:,hw} · k(h)_{:,ij} / √C)``, ``o = out(Σ_{ij} w v(h)_{:,ij})``,
     output ``(x + o) / √2``.
@@ -202,7 +202,7 @@ class _UpLevel(nn.Module):
 
 
 class NCSNpp(nn.Module):
-    """NCSN++ U-Net of the LSGM prior (spec §5); outputs the raw ``ε'_θ(z_t, t)``.
+    """NCSN++ U-Net of the LSGM prior (docs/algorithm.md §5); outputs the raw ``ε'_θ(z_t, t)``.
 
     Args:
         in_channels: latent channels C (input and output).

@@ -1,4 +1,4 @@
-"""Up/down-sampling used inside the NCSN++ residual blocks (spec §5), pure PyTorch (no CUDA extension).
+"""Up/down-sampling used inside the NCSN++ residual blocks (docs/algorithm.md §5), pure PyTorch (no CUDA extension).
 
 ``upfirdn2d`` = upsample by zero insertion, pad, FIR-filter (true convolution), downsample by striding — the
 same operation on every channel. The FIR resamplers use the separable, normalised kernel ``k ⊗ k / Σ(k ⊗ k)``
@@ -29,7 +29,7 @@ __all__ = [
     "upfirdn2d",
 ]
 
-#: 1-D taps of the FIR resampling filter of NCSN++ (spec §5).
+#: 1-D taps of the FIR resampling filter of NCSN++ (docs/algorithm.md §5).
 DEFAULT_FIR_KERNEL: tuple[int, ...] = (1, 3, 3, 1)
 
 
@@ -107,7 +107,7 @@ def upfirdn2d(
 def fir_upsample_2d(
     x: torch.Tensor, taps: Sequence[float] = DEFAULT_FIR_KERNEL, factor: int = 2, gain: float = 1.0
 ) -> torch.Tensor:
-    """FIR upsampling (spec §5): zero insertion ×factor, filter with gain ``gain · factor²``.
+    """FIR upsampling (docs/algorithm.md §5): zero insertion ×factor, filter with gain ``gain · factor²``.
 
     Padding ``((p + 1) // 2 + factor − 1, p // 2)`` with ``p = K − factor``, i.e. (2, 1) for [1,3,3,1], ×2.
 
@@ -129,7 +129,7 @@ def fir_upsample_2d(
 def fir_downsample_2d(
     x: torch.Tensor, taps: Sequence[float] = DEFAULT_FIR_KERNEL, factor: int = 2, gain: float = 1.0
 ) -> torch.Tensor:
-    """FIR downsampling (spec §5): filter, then stride ``factor``.
+    """FIR downsampling (docs/algorithm.md §5): filter, then stride ``factor``.
 
     Padding ``((p + 1) // 2, p // 2)`` with ``p = K − factor``, i.e. (1, 1) for [1,3,3,1], ×2.
 

@@ -1,4 +1,4 @@
-"""NVAE-style VAE backbone of LSGM (spec §1): model, cells, flows, decoder distributions, regularisation."""
+"""NVAE-style VAE backbone of LSGM (docs/algorithm.md §1): model, cells, flows, decoder distributions, regularisation."""
 
 from lsgm.vae.nvae import NVAE, NVAEOutput
 

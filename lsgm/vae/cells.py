@@ -1,4 +1,4 @@
-"""Residual cells of the NVAE backbone (spec §1.4).
+"""Residual cells of the NVAE backbone (docs/algorithm.md §1.4).
 
 A cell computes ``out = skip(x) + 0.1 · SE(branch(x))`` where the branch is a chain of ops:
 
@@ -23,7 +23,7 @@ from lsgm.vae.conv import Conv2D
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.05
 RESIDUAL_SCALE = 0.1
-"""The branch of every VAE residual cell is multiplied by 0.1 (spec §1.4)."""
+"""The branch of every VAE residual cell is multiplied by 0.1 (docs/algorithm.md §1.4)."""
 
 CellRole = Literal["normal_pre", "down_pre", "normal_enc", "down_enc", "normal_dec", "up_dec", "normal_post",
                    "up_post"]
@@ -38,12 +38,12 @@ ARCH_INSTANCES: dict[str, dict[str, tuple[str, ...]]] = {
         "normal_post": ("mconv_e3k5g0",), "up_post": ("mconv_e3k5g0",),
     },
 }
-"""Ops of each cell role per ``arch_instance`` (spec §1.4)."""
+"""Ops of each cell role per ``arch_instance`` (docs/algorithm.md §1.4)."""
 ROLE_STRIDE = {"normal": 1, "down": 2, "up": -1}
 
 
 def make_batchnorm(num_channels: int) -> nn.BatchNorm2d:
-    """BatchNorm with the backbone's eps 1e-5 and momentum 0.05 (spec §1.4)."""
+    """BatchNorm with the backbone's eps 1e-5 and momentum 0.05 (docs/algorithm.md §1.4)."""
     return nn.BatchNorm2d(num_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
@@ -59,7 +59,7 @@ def _check_stride(stride: int) -> int:
 
 
 class SqueezeExcitation(nn.Module):
-    """SE: global average pool → Linear(C, max(C/16, 4)) → ReLU → Linear → sigmoid → rescale (spec §1.4).
+    """SE: global average pool → Linear(C, max(C/16, 4)) → ReLU → Linear → sigmoid → rescale (docs/algorithm.md §1.4).
 
     Computed in float32 even under autocast.
     """
@@ -96,7 +96,7 @@ class BNSwishConv(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    """The ``mconv_e{ex}k{k}g0`` op (MBConv, spec §1.4); plain (not weight-normalised) convs without bias."""
+    """The ``mconv_e{ex}k{k}g0`` op (MBConv, docs/algorithm.md §1.4); plain (not weight-normalised) convs without bias."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *, expansion: int = 6,
                  kernel_size: int = 5) -> None:
@@ -124,7 +124,7 @@ class InvertedResidual(nn.Module):
 class FactorizedReduce(nn.Module):
     """Down-sampling skip: Swish, then four stride-2 1×1 convs on the four 2×2 phase shifts, concatenated.
 
-    The first three convs have ``C_out // 4`` outputs, the last the remainder (spec §1.4).
+    The first three convs have ``C_out // 4`` outputs, the last the remainder (docs/algorithm.md §1.4).
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
@@ -155,7 +155,7 @@ class UpsampleSkip(nn.Module):
 
 
 def make_op(name: str, in_channels: int, out_channels: int, stride: int) -> nn.Module:
-    """Build one branch op by its reference name (spec §1.4)."""
+    """Build one branch op by its reference name (docs/algorithm.md §1.4)."""
     if name == "res_bnswish":
         return BNSwishConv(in_channels, out_channels, stride)
     if name == "mconv_e6k5g0":
@@ -177,7 +177,7 @@ def make_skip(in_channels: int, out_channels: int, stride: int) -> nn.Module:
 
 
 class ResidualCell(nn.Module):
-    """``out = skip(x) + 0.1 · SE(ops(x))`` (spec §1.4).
+    """``out = skip(x) + 0.1 · SE(ops(x))`` (docs/algorithm.md §1.4).
 
     Args:
         in_channels: C_in.
@@ -208,7 +208,7 @@ class ResidualCell(nn.Module):
 
 def make_cell(arch_instance: str, role: CellRole, in_channels: int, out_channels: int,
               use_se: bool = True) -> ResidualCell:
-    """Build the residual cell of a given role (e.g. ``"down_pre"``) for an ``arch_instance`` (spec §1.4)."""
+    """Build the residual cell of a given role (e.g. ``"down_pre"``) for an ``arch_instance`` (docs/algorithm.md §1.4)."""
     if arch_instance not in ARCH_INSTANCES:
         raise ValueError(f"arch_instance={arch_instance!r} is not allowed; allowed: {sorted(ARCH_INSTANCES)}")
     ops = ARCH_INSTANCES[arch_instance].get(role)

@@ -1,4 +1,4 @@
-"""Weight-normalised 2-D convolution, the "Conv2D" of the NVAE backbone (spec §1.5).
+"""Weight-normalised 2-D convolution, the "Conv2D" of the NVAE backbone (docs/algorithm.md §1.5).
 
 For every output channel o the effective kernel is
 
@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 WN_EPS = 1e-5
-"""Added to ‖v‖ in the denominator of the normalised kernel (spec §1.5)."""
+"""Added to ‖v‖ in the denominator of the normalised kernel (docs/algorithm.md §1.5)."""
 WN_INIT_EPS = 1e-2
-"""Added to ‖v_init‖ inside the log of the initial g (spec §1.5)."""
+"""Added to ‖v_init‖ inside the log of the initial g (docs/algorithm.md §1.5)."""
 
 
 def kernel_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ def kernel_norm(weight: torch.Tensor) -> torch.Tensor:
 
 
 def weight_normalize(v: torch.Tensor, log_g: torch.Tensor) -> torch.Tensor:
-    """``exp(g) · v / (‖v‖ + 1e-5)`` per output channel (spec §1.5).
+    """``exp(g) · v / (‖v‖ + 1e-5)`` per output channel (docs/algorithm.md §1.5).
 
     Args:
         v: raw kernel (C_out, C_in/groups, k, k).
@@ -50,7 +50,7 @@ def weight_normalize(v: torch.Tensor, log_g: torch.Tensor) -> torch.Tensor:
 
 
 class Conv2D(nn.Conv2d):
-    """Weight-normalised ``nn.Conv2d`` (spec §1.5).
+    """Weight-normalised ``nn.Conv2d`` (docs/algorithm.md §1.5).
 
     Parameters: ``weight`` (= v), ``bias`` (optional) and, with ``weight_norm=True``, ``log_weight_norm``
     (= g, shape (C_out,)).
@@ -63,8 +63,8 @@ class Conv2D(nn.Conv2d):
         padding: zero padding.
         groups: convolution groups (``C_in`` for depthwise).
         bias: learn an additive bias.
-        weight_norm: use the normalised kernel; ``False`` gives a plain conv (MBConv ops, spec §1.4).
-        init_scale: multiplies the initial ‖v‖ inside g (0.1 for the last conv of a flow cell, spec §1.4).
+        weight_norm: use the normalised kernel; ``False`` gives a plain conv (MBConv ops, docs/algorithm.md §1.4).
+        init_scale: multiplies the initial ‖v‖ inside g (0.1 for the last conv of a flow cell, docs/algorithm.md §1.4).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
@@ -81,7 +81,7 @@ class Conv2D(nn.Conv2d):
 
     @torch.no_grad()
     def init_weight_norm(self, init_scale: float = 1.0) -> None:
-        """Set ``g = log(init_scale · ‖v‖ + 1e-2)`` from the current (masked) raw kernel (spec §1.5)."""
+        """Set ``g = log(init_scale · ‖v‖ + 1e-2)`` from the current (masked) raw kernel (docs/algorithm.md §1.5)."""
         if self.log_weight_norm is not None:
             self.log_weight_norm.copy_(torch.log(init_scale * kernel_norm(self.effective_raw_weight())
                                                  + WN_INIT_EPS))
@@ -91,7 +91,7 @@ class Conv2D(nn.Conv2d):
         return self.weight
 
     def normalized_weight(self) -> torch.Tensor:
-        """The kernel actually used by the convolution: w (spec §1.5), or v without weight norm."""
+        """The kernel actually used by the convolution: w (docs/algorithm.md §1.5), or v without weight norm."""
         v = self.effective_raw_weight()
         if self.log_weight_norm is None:
             return v

@@ -1,4 +1,4 @@
-"""Posterior helpers and decoder distributions p(x|z) of the NVAE backbone (spec §1.1, §1.3, §1.6).
+"""Posterior helpers and decoder distributions p(x|z) of the NVAE backbone (docs/algorithm.md §1.1, §1.3, §1.6).
 
 All log-probabilities are per element unless stated and in nats. Images are in [-1, 1].
 
@@ -7,7 +7,7 @@ Decoder parameter layouts (channels of the output head, ``C`` = image channels):
 * ``bin``: ``C`` Bernoulli logits.
 * ``dml`` with ``M`` components: ``[M mixture logits | C·M means | C·M log-scales | P·M coefficients]`` with
   ``P = C(C−1)/2`` coefficient sets for the pairs (1,0), (2,0), (2,1) (for RGB: ``μ_G += c_0·x_R``,
-  ``μ_B += c_1·x_R + c_2·x_G``), i.e. ``10·M`` channels for RGB as in spec §1.6.
+  ``μ_B += c_1·x_R + c_2·x_G``), i.e. ``10·M`` channels for RGB as in docs/algorithm.md §1.6.
 * ``normal``: ``[C means | C log-stds]``, both soft-clamped by ``5·tanh(·/5)``.
 """
 
@@ -29,7 +29,7 @@ NORMAL_DECODER_CLAMP = 5.0
 
 
 def soft_clamp(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale · tanh(x / scale)``: smooth clamp to (−scale, scale) (spec §1.1, ``log_sig_q_scale``)."""
+    """``scale · tanh(x / scale)``: smooth clamp to (−scale, scale) (docs/algorithm.md §1.1, ``log_sig_q_scale``)."""
     return scale * torch.tanh(x / scale)
 
 
@@ -39,7 +39,7 @@ def normal_log_prob(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) 
 
 
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
-    """Per-element ``log N(z; 0, 1)`` (the VAE prior of every group, spec §1.3)."""
+    """Per-element ``log N(z; 0, 1)`` (the VAE prior of every group, docs/algorithm.md §1.3)."""
     return -0.5 * z ** 2 - 0.5 * LOG_2PI
 
 
@@ -75,7 +75,7 @@ def num_decoder_channels(decoder_dist: str, image_channels: int, num_mix: int = 
 
 # ----------------------------------------------------------------------------------------------- Bernoulli
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-element Bernoulli log-likelihood; ``x`` in {−1, +1} is mapped to {0, 1} (spec §1.6).
+    """Per-element Bernoulli log-likelihood; ``x`` in {−1, +1} is mapped to {0, 1} (docs/algorithm.md §1.6).
 
     Args:
         logits: (B, C, H, W).
@@ -86,7 +86,7 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def bernoulli_mean(logits: torch.Tensor) -> torch.Tensor:
-    """Image at sampling time: ``2p − 1`` (spec §1.6)."""
+    """Image at sampling time: ``2p − 1`` (docs/algorithm.md §1.6)."""
     return 2.0 * torch.sigmoid(logits) - 1.0
 
 
@@ -141,7 +141,7 @@ def dml_split(params: torch.Tensor, num_channels: int, num_mix: int
 
 
 def _dml_conditional_means(means: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Add the within-pixel autoregressive terms ``Σ_j c_(c,j) x_j`` to the channel means (spec §1.6)."""
+    """Add the within-pixel autoregressive terms ``Σ_j c_(c,j) x_j`` to the channel means (docs/algorithm.md §1.6)."""
     extra = [torch.zeros_like(means[:, 0]) for _ in range(means.shape[1])]
     for p, (c, j) in enumerate(_coefficient_pairs(means.shape[1])):
         extra[c] = extra[c] + coeffs[:, p] * x[:, j].unsqueeze(1)
@@ -150,7 +150,7 @@ def _dml_conditional_means(means: torch.Tensor, coeffs: torch.Tensor, x: torch.T
 
 def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor,
                                   num_bits: int) -> torch.Tensor:
-    """Log-mass of the bin of ``x`` under a logistic discretised to ``2^num_bits`` levels in [-1, 1] (spec §1.6).
+    """Log-mass of the bin of ``x`` under a logistic discretised to ``2^num_bits`` levels in [-1, 1] (docs/algorithm.md §1.6).
 
     With ``K = 2^b − 1`` the bin half-width is ``1/K``; the edge bins take the whole tails; if the interior mass is
     below 1e-5 the density approximation ``log pdf(x) − log(K/2)`` is used.
@@ -170,7 +170,7 @@ def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
 
 
 def dml_log_prob(params: torch.Tensor, x: torch.Tensor, *, num_bits: int, num_mix: int) -> torch.Tensor:
-    """Per-pixel log-likelihood (B, H, W) of the discretised mixture of logistics (spec §1.6).
+    """Per-pixel log-likelihood (B, H, W) of the discretised mixture of logistics (docs/algorithm.md §1.6).
 
     Args:
         params: (B, M·(1 + 2C + P), H, W) decoder output.
@@ -186,7 +186,7 @@ def dml_log_prob(params: torch.Tensor, x: torch.Tensor, *, num_bits: int, num_mi
 
 def dml_mean(params: torch.Tensor, *, num_channels: int, num_mix: int) -> torch.Tensor:
     """Image at sampling time: softmax-weighted means, channel coefficients applied to the clamped previous
-    channels, clamped to [-1, 1] (spec §1.6). Returns (B, C, H, W)."""
+    channels, clamped to [-1, 1] (docs/algorithm.md §1.6). Returns (B, C, H, W)."""
     logit_probs, means, _, coeffs = dml_split(params, num_channels, num_mix)
     weights = torch.softmax(logit_probs, dim=1).unsqueeze(1)
     mean = (means * weights).sum(dim=2)
@@ -219,7 +219,7 @@ def decoder_log_prob(decoder_dist: str, params: torch.Tensor, x: torch.Tensor, *
 
 def decoder_mean(decoder_dist: str, params: torch.Tensor, *, num_channels: int, num_mix: int = 10
                  ) -> torch.Tensor:
-    """Image produced at sampling time (the distribution mean) in [-1, 1] (spec §1.6)."""
+    """Image produced at sampling time (the distribution mean) in [-1, 1] (docs/algorithm.md §1.6)."""
     if decoder_dist == "bin":
         return bernoulli_mean(params)
     if decoder_dist == "dml":

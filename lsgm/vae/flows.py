@@ -1,4 +1,4 @@
-"""Autoregressive normalising-flow cells on the posterior samples (``num_nf``, spec §1.4).
+"""Autoregressive normalising-flow cells on the posterior samples (``num_nf``, docs/algorithm.md §1.4).
 
 Each ``ARCell`` maps ``z ← z − m(z)`` where ``m`` is autoregressive over the order (row, column, channel) of the
 latent group: ``m`` at (i, j, c) depends only on ``z`` at earlier pixels (raster order) and on earlier channels of
@@ -19,7 +19,7 @@ from torch import nn
 from lsgm.vae.conv import Conv2D
 
 HIDDEN_EXPANSION = 6
-"""Hidden width of a flow cell is 6 × latent channels (spec §1.4)."""
+"""Hidden width of a flow cell is 6 × latent channels (docs/algorithm.md §1.4)."""
 
 
 def autoregressive_mask(in_channels: int, out_channels: int, kernel_size: int, num_latent: int, *,
@@ -80,7 +80,7 @@ class MaskedConv2D(Conv2D):
 
 
 class ARCell(nn.Module):
-    """One shift-only autoregressive flow cell: ``z ← z − m(z)``, log-det 0 (spec §1.4).
+    """One shift-only autoregressive flow cell: ``z ← z − m(z)``, log-det 0 (docs/algorithm.md §1.4).
 
     ``m`` = masked 3×3 conv (z → 6z, strict) → ELU → masked 5×5 depthwise conv → ELU → masked 1×1 conv (6z → z,
     weight-norm scale initialised ×0.1).
@@ -107,7 +107,7 @@ class ARCell(nn.Module):
 
 
 class PairedCellAR(nn.Module):
-    """Two ``ARCell``s with opposite raster orders (spec §1.4, "PairedCellAR")."""
+    """Two ``ARCell``s with opposite raster orders (docs/algorithm.md §1.4, "PairedCellAR")."""
 
     def __init__(self, num_latent: int) -> None:
         super().__init__()

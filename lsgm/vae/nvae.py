@@ -1,18 +1,18 @@
-"""The NVAE-style hierarchical VAE of LSGM: encoder q(z0|x), decoder p(x|z0) (spec §1).
+"""The NVAE-style hierarchical VAE of LSGM: encoder q(z0|x), decoder p(x|z0) (docs/algorithm.md §1).
 
-Structure (spec §1.1): stem → pre-processing blocks (last cell of each block down-samples) → encoder tower
+Structure (docs/algorithm.md §1.1): stem → pre-processing blocks (last cell of each block down-samples) → encoder tower
 (finest latent scale first; down cells between scales) → decoder tower (top-down from a learned constant ``h0``;
 per latent group: posterior, sample, flows, inject, cells; up cells between scales) → post-processing blocks (first
 cell of each block up-samples) → ELU + 3×3 conv head.
 
-Every latent group has an independent N(0, I) prior (spec §1.3); the hierarchy lives in the deterministic decoder.
+Every latent group has an independent N(0, I) prior (docs/algorithm.md §1.3); the hierarchy lives in the deterministic decoder.
 Groups are indexed top-down (coarsest scale first); the first ``top_group_count`` groups form the top scale whose
-concatenation ``z0_top`` gets the SGM prior in stage 2 (spec §1.2, §4.1).
+concatenation ``z0_top`` gets the SGM prior in stage 2 (docs/algorithm.md §1.2, §4.1).
 
 Channel width at ``channel_mult`` index ``k`` is ``num_channels · channel_mult[k]``; index 0 is the input
 resolution, index ``num_preprocess_blocks + s`` the encoder latent scale ``s`` (finest first).
 
-Decisions where spec §1.1 is silent:
+Decisions where docs/algorithm.md §1.1 is silent:
 
 * ``progressive_input="input_skip"``: the input pyramid starts as the feature entering the encoder tower (after
   pre-processing); at every encoder down cell it is projected by a stride-2 BN-Swish-3×3-conv to the next width,
@@ -48,7 +48,7 @@ class NVAEOutput:
         z_groups: per group (B, Z, s, s) samples fed to the decoder (after flows).
         log_q: per group (B, Z, s, s) per-element ``log q`` at the sample, flow log-dets subtracted.
         log_p_normal: per group (B, Z, s, s) per-element ``log N(z; 0, I)``.
-        kl_per_group: per group (B,) ``Σ (log q − log N(z;0,I))`` (Monte-Carlo KL, spec §1.3).
+        kl_per_group: per group (B,) ``Σ (log q − log N(z;0,I))`` (Monte-Carlo KL, docs/algorithm.md §1.3).
         top_group_count: how many leading groups are top-scale (SGM prior in stage 2).
     """
 
@@ -72,12 +72,12 @@ def _positive(name: str, value: int, minimum: int = 1) -> None:
 
 
 class NVAE(nn.Module):
-    """Hierarchical VAE backbone of LSGM (spec §1). All arguments are keyword-only plain values.
+    """Hierarchical VAE backbone of LSGM (docs/algorithm.md §1). All arguments are keyword-only plain values.
 
     Args:
         in_channels: image channels C (1 for MNIST/OMNIGLOT/digits, 3 otherwise).
         image_size: H = W of the (padded) input.
-        arch_instance: ``"res_bnswish"`` or ``"res_mbconv"`` (spec §1.4).
+        arch_instance: ``"res_bnswish"`` or ``"res_mbconv"`` (docs/algorithm.md §1.4).
         num_channels_enc: encoder base width.
         num_channels_dec: decoder base width.
         num_preprocess_blocks: pre-processing blocks (each down-samples once).
@@ -92,7 +92,7 @@ class NVAE(nn.Module):
         channel_mult: width multipliers, ``num_preprocess_blocks + num_latent_scales`` entries.
         num_nf: paired autoregressive flow cells per group.
         use_se: squeeze-excitation in every cell.
-        decoder_dist: ``"bin"``, ``"dml"`` or ``"normal"`` (spec §1.6).
+        decoder_dist: ``"bin"``, ``"dml"`` or ``"normal"`` (docs/algorithm.md §1.6).
         num_mix_output: DML components M.
         num_x_bits: bits per channel for DML (8 or 5).
         progressive_input: ``"none"`` or ``"input_skip"``.
@@ -138,7 +138,7 @@ class NVAE(nn.Module):
             for b in range(num_postprocess_blocks) for c in range(num_postprocess_cells))
         n_out = dist.num_decoder_channels(decoder_dist, in_channels, num_mix_output)
         self.head = nn.Sequential(nn.ELU(), Conv2D(dec(0), n_out, 3, padding=1, bias=True))
-        # Learned constant decoder input h0, uniform[0, 1) (spec §1.1 step 4).
+        # Learned constant decoder input h0, uniform[0, 1) (docs/algorithm.md §1.1 step 4).
         self.h0 = nn.Parameter(torch.rand(dec(p + num_latent_scales - 1), self.top_size, self.top_size))
 
     # ------------------------------------------------------------------------------------------- construction
@@ -217,7 +217,7 @@ class NVAE(nn.Module):
     # ------------------------------------------------------------------------------------------- properties
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(C, S, S) of ``z0_top``: ``(num_groups_per_scale · num_latent_per_group, S, S)`` (spec §1.2)."""
+        """(C, S, S) of ``z0_top``: ``(num_groups_per_scale · num_latent_per_group, S, S)`` (docs/algorithm.md §1.2)."""
         return (self.num_groups_per_scale * self.num_latent_per_group, self.top_size, self.top_size)
 
     @property
@@ -283,7 +283,7 @@ class NVAE(nn.Module):
         return self.head(state), z_groups
 
     def forward(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> NVAEOutput:
-        """Encode ``x``, sample every group from q (reparameterised), decode (spec §1.1).
+        """Encode ``x``, sample every group from q (reparameterised), decode (docs/algorithm.md §1.1).
 
         Args:
             x: (B, C, H, W) image in [-1, 1].
@@ -316,7 +316,7 @@ class NVAE(nn.Module):
 
     def decode(self, z_top: torch.Tensor, *, temperature_rest: float = 1.0,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decoder parameters for a top-scale latent (sampling, spec §6.1 step 4).
+        """Decoder parameters for a top-scale latent (sampling, docs/algorithm.md §6.1 step 4).
 
         Args:
             z_top: (B, *latent_shape), split along channels into the top-scale groups.
@@ -338,11 +338,11 @@ class NVAE(nn.Module):
 
     # ------------------------------------------------------------------------------------------- likelihood
     def decoder_log_prob(self, decoder_params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(B,) ``log p(x|z)`` in nats over the (cropped) image (spec §1.6)."""
+        """(B,) ``log p(x|z)`` in nats over the (cropped) image (docs/algorithm.md §1.6)."""
         return dist.decoder_log_prob(self.decoder_dist, decoder_params, x, num_bits=self.num_x_bits,
                                      num_mix=self.num_mix_output, crop=self.crop_output)
 
     def decoder_mean(self, decoder_params: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) image in [-1, 1] produced at sampling time (distribution mean, spec §1.6)."""
+        """(B, C, H, W) image in [-1, 1] produced at sampling time (distribution mean, docs/algorithm.md §1.6)."""
         return dist.decoder_mean(self.decoder_dist, decoder_params, num_channels=self.in_channels,
                                  num_mix=self.num_mix_output)

@@ -1,6 +1,6 @@
-"""Spectral regularisation, norm-layer scale penalty, KL annealing and KL balancing (spec §1.7, §1.8).
+"""Spectral regularisation, norm-layer scale penalty, KL annealing and KL balancing (docs/algorithm.md §1.7, §1.8).
 
-Loss term (spec §1.7): ``λ · (Σ_convs σ_max(W) + Σ_norm-layers max|γ|)``, i.e. ``λ · (SpectralRegularizer.loss() +
+Loss term (docs/algorithm.md §1.7): ``λ · (Σ_convs σ_max(W) + Σ_norm-layers max|γ|)``, i.e. ``λ · (SpectralRegularizer.loss() +
 bn_loss(model))``. When λ = 0 the caller skips both entirely (no power iterations are run).
 """
 
@@ -25,7 +25,7 @@ def find_spectral_layers(module: nn.Module, include_plain_conv2d: bool = False
     """Convs whose kernels are spectrally regularised, with a function returning the kernel in use.
 
     ``Conv2D`` (weight-normalised, plain MBConv ones included) and masked AR convs always; other ``nn.Conv2d``
-    layers only with ``include_plain_conv2d`` (the SGM without ``custom_conv_dae``, spec §1.7).
+    layers only with ``include_plain_conv2d`` (the SGM without ``custom_conv_dae``, docs/algorithm.md §1.7).
     """
     found: list[tuple[str, Callable[[], torch.Tensor]]] = []
     for name, layer in module.named_modules():
@@ -43,7 +43,7 @@ def _stack_weights(fns: list[Callable[[], torch.Tensor]], rows: int, cols: int) 
 
 
 class SpectralRegularizer(nn.Module):
-    """Σ σ_max(W) over the convs of a module by batched power iteration (spec §1.7).
+    """Σ σ_max(W) over the convs of a module by batched power iteration (docs/algorithm.md §1.7).
 
     Each kernel is reshaped to (C_out, C_in·k·k); layers with equal reshaped shape are stacked and iterated
     together. The singular vectors ``u, v`` persist in buffers (random Normal init, normalised with eps 1e-3);
@@ -111,7 +111,7 @@ class SpectralRegularizer(nn.Module):
 
 
 def bn_loss(module: nn.Module) -> torch.Tensor:
-    """Σ max|γ| over every BatchNorm / SyncBatchNorm and GroupNorm layer with an affine scale (spec §1.7)."""
+    """Σ max|γ| over every BatchNorm / SyncBatchNorm and GroupNorm layer with an affine scale (docs/algorithm.md §1.7)."""
     terms = [layer.weight.abs().max() for layer in module.modules()
              if isinstance(layer, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and layer.weight is not None]
     if not terms:
@@ -121,7 +121,7 @@ def bn_loss(module: nn.Module) -> torch.Tensor:
 
 def kl_coeff(step: int, total_steps: int, anneal_portion: float, const_portion: float, min_coeff: float,
              max_coeff: float) -> float:
-    """KL annealing coefficient β_KL (spec §1.8).
+    """KL annealing coefficient β_KL (docs/algorithm.md §1.8).
 
     ``β = clamp(β_min + (β_max − β_min)·(step − n_const)/n_anneal, β_min, β_max)`` with
     ``n_const = const_portion · total_steps`` and ``n_anneal = anneal_portion · total_steps``.
@@ -149,7 +149,7 @@ def kl_coeff(step: int, total_steps: int, anneal_portion: float, const_portion: 
 
 
 def kl_balance_alpha(groups_per_scale: Sequence[int]) -> torch.Tensor:
-    """Prior weights α_l of the 'square' rule (spec §1.8), groups in top-down order.
+    """Prior weights α_l of the 'square' rule (docs/algorithm.md §1.8), groups in top-down order.
 
     For the scale ``i`` levels finer than the top scale ``α = 4^i / groups_in_scale``, normalised so min α = 1.
 
@@ -168,7 +168,7 @@ def kl_balance_alpha(groups_per_scale: Sequence[int]) -> torch.Tensor:
 
 def kl_balancer(kl_all: Sequence[torch.Tensor] | torch.Tensor, kl_coeff: float, groups_per_scale: Sequence[int],
                 *, balance: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """KL balancing of stage 1 (spec §1.8), active only while ``balance`` and ``kl_coeff < 1``.
+    """KL balancing of stage 1 (docs/algorithm.md §1.8), active only while ``balance`` and ``kl_coeff < 1``.
 
     ``a_l = mean_batch |KL_l| + 0.01``; ``κ_l ∝ a_l / α_l`` renormalised to mean 1 over groups, treated as constants.
 

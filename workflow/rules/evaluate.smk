@@ -1,4 +1,4 @@
-# NLL bounds of LSGM and of the VAE alone (spec §7.1), FID/IS/KID of the samples (spec §7.2).
+# NLL bounds of LSGM and of the VAE alone (docs/algorithm.md §7.1), FID/IS/KID of the samples (docs/algorithm.md §7.2).
 
 
 rule eval_nll:

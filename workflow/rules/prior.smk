@@ -1,4 +1,4 @@
-# Stage 2+ (spec §4): VAE + SGM prior. One job per prior stage of the experiment (CelebA qualitative has a
+# Stage 2+ (docs/algorithm.md §4): VAE + SGM prior. One job per prior stage of the experiment (CelebA qualitative has a
 # third stage, `frozen_vae`, initialised from `lsgm`); each starts from its `init_from` stage's model.
 
 

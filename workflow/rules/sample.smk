@@ -1,4 +1,4 @@
-# Probability-flow ODE samples (spec §6.1) from the experiment's final prior stage.
+# Probability-flow ODE samples (docs/algorithm.md §6.1) from the experiment's final prior stage.
 
 
 rule sample:

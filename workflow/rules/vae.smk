@@ -1,4 +1,4 @@
-# Stage 1 (spec §1.8): the VAE with a Normal prior. Checkpoints and DVCLive logs stay in the run directory
+# Stage 1 (docs/algorithm.md §1.8): the VAE with a Normal prior. Checkpoints and DVCLive logs stay in the run directory
 # (not declared outputs), so a job killed by a time limit or preemption resumes when resubmitted.
 
 
