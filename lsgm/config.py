@@ -25,7 +25,7 @@ import yaml
 
 from lsgm.atomic import atomic_write_text
 from lsgm.choices import (COMPAT_MODES, DEVICES, IW_MODES, IW_Q_MODES, ODE_METHODS, PROBE_MODES, PROBES, SDE_KINDS,
-                          SDE_PARAMS, TRACES, check_mode_sde)
+                          SDE_PARAMS, TRACES, WEIGHT_DECAY_MODES, check_mode_sde)
 from lsgm.stages import STAGES
 
 __all__ = [
@@ -239,6 +239,9 @@ class TrainLSGMConfig:
     learning_rate_score_min: float = _f(lo=0)
     score_adam_eps: float = _f(lo=0, lo_open=True)
     weight_decay: float = _f(lo=0)
+    weight_decay_mode: Literal[WEIGHT_DECAY_MODES] = _f(
+        "decoupled", doc="both stage-2 Adams: decoupled (AdamW; the reference with apex's FusedAdam, its recommended "
+                         "install) or l2 (torch Adam's L2 term; the reference without apex); docs/algorithm.md §12.4")
     ema_decay: float = _f(lo=0, hi=1)
     warmup_epochs: float = _f(lo=0)
     iw_sample_p: Literal[IW_MODES] = "ll_iw"

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lsgm.checkpoint import CheckpointManager
+from lsgm.choices import WEIGHT_DECAY_MODES, check_choice
 from lsgm.config import EngineConfig, ExperimentConfig, config_hash
 from lsgm.data.loader import BatchIterator, PreparedSplit, to_model_input
 from lsgm.device import resolve_device
@@ -203,15 +204,14 @@ def keep_cpu_heap() -> bool:
 
 # --------------------------------------------------------------------------------------------- optimisers
 def make_adam(params: list[nn.Parameter], *, lr: float, eps: float, weight_decay: float,
-              weight_decay_mode: str = "l2", fused: bool = False) -> torch.optim.Optimizer:
+              weight_decay_mode: str = "decoupled", fused: bool = False) -> torch.optim.Optimizer:
     """Adam for the stage-2 networks (docs/algorithm.md §4.6, §12 item 4).
 
     ``weight_decay_mode``: ``decoupled`` → AdamW (``θ ← θ − lr·(update + wd·θ)``, what the reference gets from
     apex's FusedAdam, its recommended install); ``l2`` → Adam with ``wd·θ`` added to the gradient (the reference
     without apex). Fused kernels where this torch has them for the parameters' device, else foreach kernels.
     """
-    if weight_decay_mode not in ("decoupled", "l2"):
-        raise ValueError(f"weight_decay_mode={weight_decay_mode!r} is not allowed; allowed: decoupled, l2")
+    check_choice("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
     cls = torch.optim.AdamW if weight_decay_mode == "decoupled" else torch.optim.Adam
     kwargs = {"lr": lr, "eps": eps, "weight_decay": weight_decay}
     if fused:

@@ -412,12 +412,13 @@ def _build_stage2(cfg: ExperimentConfig, stage: str, start: _Start) -> _Stage2:
     ipe, fused = start.plan.iters_per_epoch, cfg.engine.fused_optimizer
     optimizers: dict[str, torch.optim.Optimizer] = {
         "prior": make_adam(prior_params, lr=tc.learning_rate_score, eps=tc.score_adam_eps,
-                           weight_decay=tc.weight_decay, weight_decay_mode="l2", fused=fused)}
+                           weight_decay=tc.weight_decay, weight_decay_mode=tc.weight_decay_mode, fused=fused)}
     lr_fns = {"prior": cosine_lr(base=tc.learning_rate_score, minimum=tc.learning_rate_score_min,
                                  warmup_epochs=tc.warmup_epochs, epochs=tc.epochs, iters_per_epoch=ipe)}
     if sc.train_vae:
         optimizers["vae"] = make_adam(vae_params, lr=tc.learning_rate_vae, eps=tc.vae_adam_eps,
-                                      weight_decay=tc.weight_decay, weight_decay_mode="l2", fused=fused)
+                                      weight_decay=tc.weight_decay, weight_decay_mode=tc.weight_decay_mode,
+                                      fused=fused)
         lr_fns["vae"] = cosine_lr(base=tc.learning_rate_vae, minimum=tc.learning_rate_vae_min,
                                   warmup_epochs=tc.warmup_epochs, epochs=tc.epochs, iters_per_epoch=ipe)
     else:

@@ -333,3 +333,47 @@ def test_compiled_score_network_trains_like_eager(tmp_path, prepared):
     for k, v in states[False].items():
         if v.is_floating_point():
             assert torch.allclose(v, states[True][k], rtol=1e-4, atol=1e-5), k
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_weight_decay_modes_closed_form(fused):
+    """One Adam step on a zero gradient: decoupled decay is θ(1 − lr·wd) exactly (AdamW, apex FusedAdam's default);
+    the L2 term instead becomes a gradient wd·θ that Adam normalises to a step of ≈ lr·sign(θ)."""
+    from lsgm.engine import make_adam
+
+    lr, wd = 1e-2, 0.1
+    theta = torch.tensor([0.5, -2.0, 3.0])
+    out = {}
+    for mode in ("decoupled", "l2"):
+        p = torch.nn.Parameter(theta.clone())
+        opt = make_adam([p], lr=lr, eps=1e-8, weight_decay=wd, weight_decay_mode=mode, fused=fused)
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        out[mode] = p.detach()
+    torch.testing.assert_close(out["decoupled"], theta * (1 - lr * wd), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out["l2"], theta - lr * torch.sign(theta), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="weight_decay_mode='adamw' is not allowed"):
+        make_adam([torch.nn.Parameter(theta.clone())], lr=lr, eps=1e-8, weight_decay=wd, weight_decay_mode="adamw")
+
+
+def test_stage2_weight_decay_mode_reaches_both_optimisers(tmp_path, prepared):
+    from lsgm.engine import TrainLoop
+
+    seen = []
+    real_init = TrainLoop.__init__
+
+    def spy(self, **kw):
+        seen.append({k: type(o).__name__ for k, o in kw["optimizers"].items()})
+        real_init(self, **kw)
+
+    for mode, cls in (("decoupled", "AdamW"), ("l2", "Adam")):
+        p = tiny_config(tmp_path, f"wd_{mode}", vae_epochs=1, extra=f"weight_decay_mode: {mode}")
+        cfg = load_config(p, name=f"wd_{mode}")
+        runs = tmp_path / "runs"
+        train_vae(cfg, run_root=runs, data_root=prepared, max_steps=1)
+        TrainLoop.__init__ = spy
+        try:
+            train_lsgm(cfg, "lsgm", run_root=runs, data_root=prepared, max_steps=1)
+        finally:
+            TrainLoop.__init__ = real_init
+        assert seen[-1] == {"prior": cls, "vae": cls}
