@@ -772,7 +772,7 @@ def flops_section(chk: Check) -> dict:
     if chk.is_cuda and peak is None:
         res["peak_note"] = f"{name!r} is not in the peak table (PEAK_TFLOPS)"
     res["checks"] = {"flops_counted": flops > fwd_flops > 0, "timed": med > 0}
-    del backbone
+    backbone = None  # noqa: F841 - release the network before the next section (step() is not called again)
     chk.free()
     return res
 

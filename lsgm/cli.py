@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from lsgm.config import ConfigError, dump_config, list_experiments, load_experiment
+from lsgm.errors import LsgmError, storage_error
 from lsgm.runs import PREPARED_ROOT, RUNS_ROOT
 
 
@@ -42,8 +43,15 @@ def _cmd_resolve_config(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from lsgm.data.prepare import prepare_dataset
 
+    accept = {}
+    for item in args.accept_sha256:
+        name, sep, digest = item.partition("=")
+        if not sep or len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+            raise ValueError(f"--accept-sha256 {item!r}: allowed: FILE=HEX with the file's 64-hex-digit sha256 "
+                             "(`sha256sum FILE`)")
+        accept[name] = digest.lower()
     out = prepare_dataset(args.name, raw_dir=Path(args.raw_dir), out_dir=Path(args.out_dir),
-                          download=not args.no_download)
+                          download=not args.no_download, accept_sha256=accept)
     print(f"prepared {args.name} -> {out}")
     return 0
 
@@ -52,7 +60,8 @@ def _cmd_train_vae(args: argparse.Namespace) -> int:
     from lsgm.train import train_vae
 
     cfg = load_experiment(args.experiment)
-    train_vae(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root), max_steps=args.max_steps)
+    train_vae(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root), max_steps=args.max_steps,
+              retrain=args.retrain)
     return 0
 
 
@@ -63,7 +72,7 @@ def _cmd_train_lsgm(args: argparse.Namespace) -> int:
     stages = [args.stage] if args.stage else list(cfg.prior)
     for stage in stages:
         train_lsgm(cfg, stage, run_root=Path(args.run_root), data_root=Path(args.data_root),
-                   max_steps=args.max_steps)
+                   max_steps=args.max_steps, retrain=args.retrain)
     return 0
 
 
@@ -112,6 +121,11 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     return run_launch(args)
 
 
+RETRAIN_HELP = ("train this stage again from scratch although it finished (old checkpoints are moved to "
+                "checkpoints-stale-retrain/, model.pt and metrics.json removed); to continue an interrupted retrain, "
+                "rerun without the flag")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lsgm`` argument parser (one sub-command per pipeline stage)."""
     p = argparse.ArgumentParser(prog="lsgm", description="LSGM: score-based generative modeling in latent space")
@@ -149,17 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--raw-dir", default="data/raw", help="where raw downloads live (default: data/raw)")
     sp.add_argument("--out-dir", default=str(PREPARED_ROOT), help=f"output root (default: {PREPARED_ROOT})")
     sp.add_argument("--no-download", action="store_true", help="never download; fail if a raw file is missing")
+    sp.add_argument("--accept-sha256", action="append", default=[], metavar="FILE=HEX",
+                    help="accept raw file FILE with exactly this sha256 although it differs from the published "
+                         "checksum (a mirror, a re-compressed copy); recorded in the manifest with a warning")
 
     sp = add("train-vae", _cmd_train_vae, "stage 1: train the VAE with a Normal prior (resumes automatically)")
     exp(sp)
     roots(sp)
     sp.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (debug)")
+    sp.add_argument("--retrain", action="store_true", help=RETRAIN_HELP)
 
     sp = add("train-lsgm", _cmd_train_lsgm, "stage 2(+): train the VAE and the SGM prior (resumes automatically)")
     exp(sp)
     roots(sp)
     sp.add_argument("--stage", default=None, help="prior stage name (default: all, in order)")
     sp.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (debug)")
+    sp.add_argument("--retrain", action="store_true", help=RETRAIN_HELP)
 
     sp = add("sample", _cmd_sample, "draw samples with the probability-flow ODE")
     exp(sp)
@@ -194,15 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``lsgm`` console script."""
+    """Entry point of the ``lsgm`` console script.
+
+    Errors a user can cause or meet (:class:`lsgm.errors.LsgmError`: bad config, bad or missing file, full disk,
+    unreadable model; a missing file; a bad value; an operating-system failure naming its file) are ONE line on
+    stderr and exit status 2. Anything else is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except ConfigError as exc:
         print(f"lsgm: config error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except (LsgmError, FileNotFoundError, ValueError) as exc:
         print(f"lsgm: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        print(f"lsgm: error: {storage_error(exc, exc.filename, 'access')}", file=sys.stderr)
         return 2
 
 

@@ -14,7 +14,9 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from lsgm.atomic import atomic_write_text
+from lsgm.errors import LsgmError
 from lsgm.choices import (COMPAT_MODES, DEVICES, IW_MODES, IW_Q_MODES, ODE_METHODS, PROBE_MODES, PROBES, SDE_KINDS,
                           SDE_PARAMS, TRACES, WEIGHT_DECAY_MODES, check_mode_sde)
 from lsgm.stages import STAGES
@@ -58,7 +61,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(LsgmError, ValueError):
     """A params file is invalid. The message names the file, the key path, the value and what is allowed."""
 
 
@@ -475,6 +478,9 @@ def _convert(value: Any, tp: Any, where: str, meta: dict, drop_removed: bool = F
             raise ConfigError(f"{where} = {value!r} has the wrong type; allowed: a number "
                               f"{_range_text(meta)}".rstrip())
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} = {value!r} is not a finite number; allowed: a finite number "
+                              f"{_range_text(meta)}".rstrip())
         _check_range(value, meta, where)
         return value
     if tp is str:
@@ -546,8 +552,10 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _resolve_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """Merge a file's ``extends:`` fragments (paths relative to the file) under the file's own keys."""
+def _resolve_raw(path: Path, seen: tuple[Path, ...] = (), sources: dict[str, str] | None = None) -> dict:
+    """Merge a file's ``extends:`` fragments (paths relative to the file) under the file's own keys.
+
+    ``sources`` (if given) records, for every dotted key path, the file that sets it last (the one that wins)."""
     path = Path(path)
     if path.resolve() in seen:
         raise ConfigError(f"{path}: circular 'extends' chain: {' -> '.join(str(p) for p in seen)}")
@@ -562,11 +570,24 @@ def _resolve_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         ppath = path.parent / parent
         if not ppath.exists():
             raise ConfigError(f"{path}: extends {parent!r}, but {ppath} does not exist")
-        merged = _deep_merge(merged, _resolve_raw(ppath, seen + (path.resolve(),)))
+        merged = _deep_merge(merged, _resolve_raw(ppath, seen + (path.resolve(),), sources))
+    if sources is not None:
+        sources.update({key: str(path) for key in _key_paths(raw)})
     return _deep_merge(merged, raw)
 
 
-def _apply_prior_defaults(raw: dict, where: str) -> None:
+def _key_paths(raw: dict, prefix: str = "") -> list[str]:
+    """Every dotted key path of a nested mapping (mappings and leaves)."""
+    out = []
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if isinstance(v, dict):
+            out += _key_paths(v, key + ".")
+    return out
+
+
+def _apply_prior_defaults(raw: dict, where: str, sources: dict[str, str] | None = None) -> None:
     """``prior_defaults:`` (from a fragment) is merged beneath every stage under ``prior:``."""
     defaults = raw.pop("prior_defaults", None)
     if defaults is None:
@@ -576,6 +597,21 @@ def _apply_prior_defaults(raw: dict, where: str) -> None:
     prior = raw.get("prior")
     if isinstance(prior, dict):
         raw["prior"] = {k: _deep_merge(defaults, v) if isinstance(v, dict) else v for k, v in prior.items()}
+        if sources is not None:
+            for stage in prior:
+                for key in _key_paths(defaults):
+                    sources.setdefault(f"prior.{stage}.{key}", sources.get(f"prior_defaults.{key}", where))
+
+
+def _source_of(message: str, where: str, sources: dict[str, str]) -> str:
+    """The file that wrote the key a ``<where>.<key> ...`` message is about (longest key prefix set by a file)."""
+    m = re.match(r"[A-Za-z0-9_.]+", message[len(where) + 1:])
+    parts = m.group(0).rstrip(".").split(".") if m else []
+    for n in range(len(parts), 0, -1):
+        src = sources.get(".".join(parts[:n]))
+        if src is not None:
+            return src
+    return where
 
 
 def load_config(path: str | os.PathLike, name: str | None = None) -> ExperimentConfig:
@@ -589,8 +625,9 @@ def load_config(path: str | os.PathLike, name: str | None = None) -> ExperimentC
         ConfigError: naming the file, key path, bad value and what is allowed.
     """
     path = Path(path)
-    raw = _resolve_raw(path)
-    _apply_prior_defaults(raw, str(path))
+    sources: dict[str, str] = {}
+    raw = _resolve_raw(path, sources=sources)
+    _apply_prior_defaults(raw, str(path), sources)
     raw.setdefault("name", name or path.stem)
     raw.setdefault("description", "")
     where = str(path)
@@ -598,8 +635,10 @@ def load_config(path: str | os.PathLike, name: str | None = None) -> ExperimentC
         cfg = _build(ExperimentConfig, raw, where)
     except ConfigError as exc:  # keys are reported as "<file>.section.key": make that "<file>: section.key"
         msg = str(exc)
-        if msg.startswith(where + "."):
-            msg = f"{where}: {msg[len(where) + 1:]}"
+        if msg.startswith(where + "."):  # name the file that wrote the bad value (a fragment, or the file itself)
+            source = _source_of(msg, where, sources)
+            used_by = f" (inherited by {where})" if source != where else ""
+            msg = f"{source}: {msg[len(where) + 1:]}{used_by}"
         raise ConfigError(msg) from None
     _cross_check(cfg, where)
     return cfg

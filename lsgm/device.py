@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 
 from lsgm.choices import DEVICES
+from lsgm.errors import LsgmError
 
 __all__ = ["DEVICES", "DeviceError", "resolve_device"]
 
 
-class DeviceError(ValueError):
+class DeviceError(LsgmError, ValueError):
     """``engine.device`` asks for a device this machine does not have."""
 
 

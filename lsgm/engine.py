@@ -21,6 +21,7 @@ Fault-injection seams (the tests wrap them; nothing here reads the environment f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -36,12 +37,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lsgm.checkpoint import CheckpointManager
+from lsgm.checkpoint import CheckpointManager, nonfinite_entries
 from lsgm.choices import WEIGHT_DECAY_MODES, check_choice
-from lsgm.config import EngineConfig, ExperimentConfig, config_hash
-from lsgm.data.loader import BatchIterator, PreparedSplit, to_model_input
+from lsgm.config import EngineConfig, ExperimentConfig, config_hash, write_resolved_config
+from lsgm.data.loader import BatchIterator, PreparedSplit, load_split, to_model_input
 from lsgm.device import resolve_device
 from lsgm.ema import EMA
+from lsgm.errors import LsgmError
 from lsgm.runs import RunLayout
 
 log = logging.getLogger("lsgm.engine")
@@ -49,7 +51,7 @@ log = logging.getLogger("lsgm.engine")
 __all__ = [
     "BatchPlan", "DistContext", "NAN_REMEDIES", "NonFiniteError", "TooManyNaNs", "TrainLoop", "allreduce_grads",
     "cosine_lr", "grad_norm", "host_floats", "keep_cpu_heap", "lr_at", "make_adam", "prepare_batchnorm",
-    "setup_distributed", "setup_logging", "step_time_stats",
+    "StageStart", "setup_distributed", "setup_logging", "start_stage", "step_time_stats",
 ]
 
 NAN_REMEDIES = (
@@ -63,7 +65,7 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient was NaN/Inf."""
 
 
-class TooManyNaNs(RuntimeError):
+class TooManyNaNs(LsgmError, RuntimeError):
     """The NaN guard gave up after ``engine.max_nan_failures`` rollbacks."""
 
 
@@ -269,6 +271,41 @@ class BatchPlan:
         return [(a * self.world_size + rank, chunks[a * self.world_size + rank]) for a in range(self.accumulation)]
 
 
+@dataclass
+class StageStart:
+    """What every training stage starts from: processes, run layout, training images, batch plan, schedule length."""
+
+    ctx: DistContext
+    layout: RunLayout
+    split: PreparedSplit
+    plan: BatchPlan
+    total: int
+
+
+def start_stage(cfg: ExperimentConfig, stage: str, tc: Any, run_root: Any, data_root: Any, where: str,
+                detail: str = "") -> StageStart:
+    """Logging, processes (device rule), the run directory and its resolved config, the training split, the batch
+    plan, and the log line that states the global batch ("global batch 256 = 16 per process x 4 processes x 4
+    accumulation")."""
+    setup_logging()
+    ctx = setup_distributed(cfg.engine)
+    if cfg.engine.keep_cpu_heap and ctx.device.type == "cpu":
+        keep_cpu_heap()
+    layout = RunLayout(run_root, cfg.name)
+    if ctx.is_main:
+        write_resolved_config(cfg, layout.resolved_config(stage))
+    split = load_split(data_root, cfg.data.dataset, "train")
+    if cfg.data.max_train_images is not None and cfg.data.max_train_images < len(split):
+        split = dataclasses.replace(split, images=split.images[: cfg.data.max_train_images])
+    plan = BatchPlan.make(batch_size=tc.batch_size, global_batch_size=tc.global_batch_size,
+                          world_size=ctx.world_size, num_items=len(split), where=f"{cfg.name}: {where}")
+    total = plan.iters_per_epoch * tc.epochs
+    log.info("%s/%s%s: %d images, global batch %d = %d per process x %d processes x %d accumulation; %d steps",
+             cfg.name, stage, detail, len(split), plan.global_batch, plan.micro_batch, ctx.world_size,
+             plan.accumulation, total)
+    return StageStart(ctx, layout, split, plan, total)
+
+
 def step_time_stats(seconds: list[float], warmup: int = 3) -> Optional[dict[str, float]]:
     """Median/min/max wall time of the steps of this run after the first ``warmup`` (None if there are none)."""
     timed = sorted(seconds[warmup:])
@@ -349,7 +386,10 @@ class TrainLoop:
         self._stop_signal: Optional[int] = None
         self._last_ckpt_time = time.monotonic()
         self.live = None
-        self.step_seconds: list[float] = []  # wall time of each successful step_fn call (benchmarks)
+        self.step_seconds: list[float] = []  # wall time of each successful step_fn call, across resumes
+        self.last_metrics: dict[str, float] = {}  # the last completed step's metrics (checkpointed: a resume at the
+        self.seconds_total = 0.0  # end of the schedule still reports them); training seconds across resumes
+        self._run_start = self._process_start = time.monotonic()
 
     # ---- state
     def state_dict(self) -> dict:
@@ -363,6 +403,9 @@ class TrainLoop:
             "extra": {k: v.state_dict() for k, v in self.extra_state.items()},
             "rng": _rng_state(self.ctx.device),
             "generators": {k: g.get_state() for k, g in self.generators.items()},
+            "last_metrics": dict(self.last_metrics),
+            "step_seconds": torch.tensor(self.step_seconds, dtype=torch.float64),
+            "seconds_total": self.seconds_total + (time.monotonic() - self._run_start),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -380,10 +423,21 @@ class TrainLoop:
         _set_rng_state(state["rng"], self.ctx.device)
         for k, g in self.generators.items():
             g.set_state(state["generators"][k])
+        self.last_metrics = dict(state.get("last_metrics", {}))
+        self.step_seconds = [float(v) for v in state.get("step_seconds", torch.zeros(0)).tolist()]
+        self.seconds_total = float(state.get("seconds_total", 0.0))
+        self._run_start = time.monotonic()
 
     def save_checkpoint(self) -> None:
+        """Checkpoint the full state (rank 0 writes). A state with non-finite weights, buffers or optimiser moments is
+        never written: every rank raises :class:`NonFiniteError` and the NaN guard rolls back."""
+        state = self.state_dict()
+        bad = nonfinite_entries(state)
+        if bad:
+            raise NonFiniteError(f"non-finite state after step {self.step} ({len(bad)} tensor(s), e.g. "
+                                 f"{', '.join(bad[:3])})")
         if self.ctx.is_main:
-            path = self.ckpt.save(self.state_dict(), self.step)
+            path = self.ckpt.save(state, self.step)
             log.info("checkpoint %s (step %d)", path, self.step)
         self._last_ckpt_time = time.monotonic()
         self.ctx.barrier()
@@ -546,27 +600,31 @@ class TrainLoop:
         end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
         bar = tqdm(total=end, initial=self.step, disable=not self.ctx.is_main, desc=f"{self.cfg.name}/{self.stage}",
                    mininterval=1.0 if sys.stderr.isatty() else 15.0, dynamic_ncols=True, file=sys.stderr)
-        last: dict[str, float] = {}
-        t0 = time.monotonic()
-        while self.step < end:
-            lrs = self.set_learning_rates()
-            t_step = time.perf_counter()
-            try:
-                metrics = step_fn(self.step)
-            except NonFiniteError as exc:
-                self._rollback(exc)
-                bar.n = self.step
-                bar.refresh()
-                continue
-            self.scaler.update()
-            self.step_seconds.append(time.perf_counter() - t_step)
-            self.step += 1
-            bar.update(1)
-            metrics.update({f"lr_{k}": v for k, v in lrs.items()})
-            last = metrics
-            self.end_step(metrics, end, bar)
-        bar.close()
+        try:
+            while self.step < end:
+                lrs = self.set_learning_rates()
+                t_step = time.perf_counter()
+                try:
+                    metrics = step_fn(self.step)
+                    self.scaler.update()
+                    self.step_seconds.append(time.perf_counter() - t_step)
+                    self.step += 1
+                    bar.update(1)
+                    metrics.update({f"lr_{k}": v for k, v in lrs.items()})
+                    self.last_metrics = metrics
+                    self.end_step(metrics, end, bar)  # a checkpoint of a non-finite state raises here: roll back
+                except NonFiniteError as exc:
+                    self._rollback(exc)
+                    bar.n = self.step
+                    bar.refresh()
+        finally:
+            bar.close()  # the progress line ends before any error message
         if self.live is not None:
             self.live.end()
-        last["seconds_this_run"] = time.monotonic() - t0
-        return last
+        return dict(self.last_metrics)
+
+    def seconds(self) -> dict[str, float]:
+        """Training wall time of this process and across every resumed run of this stage."""
+        now = time.monotonic()
+        return {"seconds_this_run": now - self._process_start,
+                "seconds_total": self.seconds_total + (now - self._run_start)}

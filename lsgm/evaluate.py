@@ -278,7 +278,7 @@ def eval_nll_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Pat
     result["seconds"] = time.perf_counter() - start
     out = RunLayout(run_root, cfg.name).nll(model)
     atomic_write_json(out, result)
-    print(f"{model} NLL {result['nll_nats']:.3f} ± {result['nll_nats_stderr']:.3f} nats "
+    print(f"{model} NLL {result['nll_nats']:.3f} ± {result['nll_nats_stderr'] or float('nan'):.3f} nats "
           f"({result['bits_per_dim']:.4f} bits/dim, D={result['num_dims']}) -> {out}")
     return result
 
@@ -310,7 +310,9 @@ def _summarise_nll(cfg: ExperimentConfig, terms: dict[str, np.ndarray], k_iw: in
     out["prior_gain_over_normal_nats"], out["prior_gain_over_normal_nats_stderr"] = mean_and_stderr(gain)
     out["terms_nats"]["kl"] = out["terms_nats"]["log_q"] + out["terms_nats"]["prior_top"] \
         + out["terms_nats"]["prior_rest"]
-    return out
+    # a standard error of one image is undefined: None in the JSON (metrics files never hold NaN)
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) and k.endswith("_stderr") else v)
+            for k, v in out.items()}
 
 
 def _nll_protocol(cfg: ExperimentConfig, model: str, path: Path, m, run_root: Path, data_root: Path, n: int,

@@ -226,10 +226,18 @@ def launch(cfg: ExperimentConfig, stage: str, experiment: str, args: Sequence[st
     res = dataclasses.replace(res, **over)
     agents = res.nodes * tasks_per_node
     allocation = find_allocation(env) if agents > 1 else None
+    placeholder = dry_run and agents > 1 and allocation is None
+    if placeholder:  # outside Slurm a dry run still shows the command, with the allocation's parts left symbolic
+        allocation = SlurmAllocation(job_id="$SLURM_JOB_ID", hosts=tuple(f"<node{i}>" for i in range(res.nodes)))
+        port = port if port is not None else RDZV_PORT_BASE
     argv = launch_command(stage, experiment, args, resources=res, allocation=allocation, port=port,
                           tasks_per_node=tasks_per_node)
     text = shlex.join(argv)
     if dry_run:
+        if placeholder:
+            print(f"# outside a Slurm allocation: inside sbatch, <node0> is the allocation's first host "
+                  f"(scontrol show hostnames), the job id is $SLURM_JOB_ID and the port {RDZV_PORT_BASE} + job id "
+                  f"mod {RDZV_PORT_SPAN}")
         print(text)
         return 0
     print(f"lsgm launch: {res.nodes} node(s) x {max(res.gpus_per_node, 1)} process(es): {text}", file=sys.stderr,

@@ -6,7 +6,7 @@ tensors and primitives, loadable with ``torch.load(path, weights_only=True)``:
     {"format": "lsgm-model/1", "experiment": str, "stage": "vae" | <prior stage name>,
      "config": <config_to_dict(cfg)>, "vae": state_dict,
      "prior": state_dict | None, "prior_ema": state_dict | None,   # MixedScore (NCSN++ + mixing logit + mask)
-     "step": int, "epoch": int}
+     "step": int, "epoch": int, "run_hash": str | None}   # config hash of the training run that wrote it
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lsgm.config import ExperimentConfig, config_from_dict, config_to_dict
+from lsgm.errors import ModelFileError
 
 MODEL_FORMAT = "lsgm-model/1"
 
@@ -79,8 +80,12 @@ class LoadedModel:
 
 
 def save_model(path: str | os.PathLike, *, cfg: ExperimentConfig, stage: str, vae: nn.Module,
-               prior: Optional[nn.Module], prior_ema: Optional[dict], step: int, epoch: int) -> None:
-    """Write `model.pt` atomically (temp file + fsync + rename)."""
+               prior: Optional[nn.Module], prior_ema: Optional[dict], step: int, epoch: int,
+               run_hash: Optional[str] = None) -> None:
+    """Write `model.pt` atomically (temp file + fsync + rename); refuses non-finite weights.
+
+    ``run_hash`` is the training run's config hash: a rerun of a finished stage with the same config recognises
+    its own output and keeps it."""
     from lsgm.checkpoint import atomic_torch_save
 
     payload = {
@@ -88,19 +93,24 @@ def save_model(path: str | os.PathLike, *, cfg: ExperimentConfig, stage: str, va
         "vae": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
         "prior": None if prior is None else {k: v.detach().cpu() for k, v in prior.state_dict().items()},
         "prior_ema": None if prior_ema is None else {k: v.detach().cpu() for k, v in prior_ema.items()},
-        "step": int(step), "epoch": int(epoch),
+        "step": int(step), "epoch": int(epoch), "run_hash": run_hash,
     }
     atomic_torch_save(payload, path)
 
 
 def read_model_file(path: str | os.PathLike) -> dict:
-    """Load a `model.pt` payload safely, with a clear error for a missing or foreign file."""
+    """Load a `model.pt` payload safely, with a one-line error for a missing, truncated, corrupt or foreign file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no model file; run the training stage that writes it first")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: truncated zip, bit flips, not a torch file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelFileError(f"{path}: cannot be read ({type(exc).__name__}: {reason[:200]}); the file is truncated "
+                             "or corrupt: rerun the stage that writes it, or restore it with `dvc checkout`") from exc
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not an lsgm model file (expected format {MODEL_FORMAT!r})")
+        raise ModelFileError(f"{path}: not an lsgm model file (expected format {MODEL_FORMAT!r})")
     return payload
 
 

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from lsgm.config import (RESOLVED_PARAMS, ExperimentConfig, ResourceConfig, config_to_dict, default_experiments,
+from lsgm.config import (RESOLVED_PARAMS, ConfigError, ExperimentConfig, ResourceConfig, config_to_dict, default_experiments,
                          dump_config, experiment_file, list_experiments, load_experiment)
 from lsgm.runs import (RESERVED_STAGE_NAMES, RUNS_ROOT, VAE_STAGE, RunLayout, fid_reference_tag, fid_stats_file,
                        prepared_dir)
@@ -236,6 +236,7 @@ class Pipeline:
     configs: dict[str, ExperimentConfig]
     report_experiments: list[str]
     stages: list[Stage] = field(default_factory=list)
+    broken: dict[str, str] = field(default_factory=dict)  # experiment -> its config error (skip_broken=True)
 
     def find(self, kind: str, **wildcards: str) -> Stage:
         """The stage of ``kind`` whose wildcards match (Snakemake input/params functions call this)."""
@@ -298,7 +299,7 @@ def _make_stage(kind: Kind, f: dict[str, str], exp: str, root: Path, extra_deps:
 
 
 def build_pipeline(experiments: Sequence[str] | None = None, report_experiments: Sequence[str] | None = None,
-                   root: Path | str = ".") -> Pipeline:
+                   root: Path | str = ".", *, skip_broken: bool = False) -> Pipeline:
     """Expand the stage kinds over ``experiments`` (default: the whole matrix).
 
     Shared stages (``prepare`` per dataset, ``fid_stats`` per dataset and reference split) appear once and
@@ -308,6 +309,9 @@ def build_pipeline(experiments: Sequence[str] | None = None, report_experiments:
         experiments: experiment names from ``params/experiments.yaml``.
         report_experiments: experiments the ``report`` stage covers (default: the default experiments).
         root: repository root.
+        skip_broken: an experiment whose params file does not load is left out and its error kept in
+            ``Pipeline.broken`` (the others still run); otherwise its ConfigError propagates. A broken experiment
+            that ``report_experiments`` asks for always raises.
     """
     root = Path(root).resolve()
     names = list(experiments) if experiments is not None else list_experiments(root)
@@ -315,7 +319,16 @@ def build_pipeline(experiments: Sequence[str] | None = None, report_experiments:
     unknown = [n for n in report if n not in names]
     if unknown:
         raise ValueError(f"report_experiments {unknown} are not among experiments {names}")
-    pipe = Pipeline(root=root, configs={n: load_experiment(n, root) for n in names}, report_experiments=report)
+    configs, broken = {}, {}
+    for n in names:
+        try:
+            configs[n] = load_experiment(n, root)
+        except ConfigError as exc:
+            if not skip_broken or n in report:
+                raise
+            broken[n] = str(exc)
+    names = [n for n in names if n in configs]
+    pipe = Pipeline(root=root, configs=configs, report_experiments=report, broken=broken)
     seen: set[tuple[str, str]] = set()
     for name in names:
         for kind_name, f in _fields_per_instance(pipe.configs[name], root):

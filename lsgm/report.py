@@ -20,14 +20,13 @@ import io
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from lsgm.atomic import atomic_write_text
+from lsgm.atomic import atomic_dir, atomic_write_text
 from lsgm.paper_results import METRIC_UNITS, PAPER_RESULTS, PaperResult
 from lsgm.runs import RunLayout
 from lsgm.stats import bits_per_dim
@@ -487,6 +486,18 @@ def _default_experiments(run_root: Path) -> list[str]:
         return sorted(p.name for p in run_root.iterdir() if p.is_dir()) if run_root.is_dir() else []
 
 
+def _check_experiments(experiments: Sequence[str]) -> list[str]:
+    """The requested experiments, each of which must be in ``params/experiments.yaml`` (else one clear error)."""
+    from lsgm.config import ConfigError, experiment_file
+
+    for name in experiments:
+        try:
+            experiment_file(name)
+        except ConfigError as exc:
+            raise ConfigError(f"lsgm report --experiments: {exc}") from None
+    return list(experiments)
+
+
 def write_report(*, run_root: Path, out_dir: Path, experiments: Optional[list[str]] = None) -> dict[str, Path]:
     """Write ``results.{md,csv}``, ``claims.md`` and ``figures/`` into ``out_dir``.
 
@@ -500,12 +511,12 @@ def write_report(*, run_root: Path, out_dir: Path, experiments: Optional[list[st
         Paths written, keyed ``results_md``, ``results_csv``, ``claims_md``, ``figures``.
     """
     run_root, out_dir = Path(run_root), Path(out_dir)
-    names = list(experiments) if experiments else _default_experiments(run_root)
+    names = _check_experiments(experiments) if experiments else _default_experiments(run_root)
     rows = report_rows(run_root, names)
     fig_dir = out_dir / "figures"
-    if fig_dir.is_dir():
-        shutil.rmtree(fig_dir)  # figures of experiments no longer run must not linger
-    figures = _figures(run_root, list(dict.fromkeys(names + [r.experiment for r in rows])), fig_dir)
+    with atomic_dir(fig_dir) as tmp_figs:  # replaces the old figures only once the new set is complete
+        figures = _figures(run_root, list(dict.fromkeys(names + [r.experiment for r in rows])), tmp_figs)
+        figures = [fig_dir / f.relative_to(tmp_figs) for f in figures]
     paths = {"results_md": out_dir / "results.md", "results_csv": out_dir / "results.csv",
              "claims_md": out_dir / "claims.md", "figures": fig_dir}
     atomic_write_text(paths["results_csv"], _csv_text(rows))

@@ -13,9 +13,11 @@ How a stage runs (checkpoints, resume, signals, NaN guard, data parallelism, sch
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import math
+import os
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +28,13 @@ import torch.distributed as dist
 from torch import nn
 
 from lsgm.atomic import atomic_write_json
-from lsgm.config import ExperimentConfig, PriorStageConfig, TrainLSGMConfig, write_resolved_config
-from lsgm.data.loader import BatchIterator, PreparedSplit, load_split, to_model_input
+from lsgm.config import ExperimentConfig, PriorStageConfig, TrainLSGMConfig
+from lsgm.data.loader import BatchIterator, to_model_input
 from lsgm.ema import EMA
-from lsgm.engine import (BatchPlan, DistContext, TrainLoop, cosine_lr, host_floats, keep_cpu_heap, make_adam,
-                         prepare_batchnorm, setup_distributed, setup_logging, step_time_stats)
+from lsgm.config import config_hash
+from lsgm.engine import (StageStart, TrainLoop, cosine_lr, host_floats, make_adam, prepare_batchnorm, start_stage,
+                         step_time_stats)
+from lsgm.errors import LsgmError
 from lsgm.models import build_prior, build_vae, read_model_file, save_model
 from lsgm.objectives import LSGMObjective
 from lsgm.provenance import sha256_file
@@ -43,62 +47,64 @@ log = logging.getLogger("lsgm.train")
 
 
 # --------------------------------------------------------------------------------------------- shared
-@dataclass
-class _Start:
-    """What every stage starts from: processes, layout, training images, batch plan, schedule length."""
-
-    ctx: DistContext
-    layout: RunLayout
-    split: PreparedSplit
-    plan: BatchPlan
-    total: int
-
-
-def _start_stage(cfg: ExperimentConfig, stage: str, tc: Any, run_root: Path, data_root: Path, where: str,
-                 detail: str) -> _Start:
-    """Logging, processes, run directory + resolved config, data, batch plan (the global-batch log line)."""
-    setup_logging()
-    ctx = setup_distributed(cfg.engine)
-    if cfg.engine.keep_cpu_heap and ctx.device.type == "cpu":
-        keep_cpu_heap()
-    layout = RunLayout(run_root, cfg.name)
-    if ctx.is_main:
-        write_resolved_config(cfg, layout.resolved_config(stage))
-    split = load_split(data_root, cfg.data.dataset, "train")
-    if cfg.data.max_train_images is not None and cfg.data.max_train_images < len(split):
-        split = dataclasses.replace(split, images=split.images[: cfg.data.max_train_images])
-    plan = BatchPlan.make(batch_size=tc.batch_size, global_batch_size=tc.global_batch_size,
-                          world_size=ctx.world_size, num_items=len(split), where=f"{cfg.name}: {where}")
-    total = plan.iters_per_epoch * tc.epochs
-    log.info("%s/%s%s: %d images, global batch %d = %d per process x %d processes x %d accumulation; %d steps",
-             cfg.name, stage, detail, len(split), plan.global_batch, plan.micro_batch, ctx.world_size,
-             plan.accumulation, total)
-    return _Start(ctx, layout, split, plan, total)
-
-
 def _unwrap(m: nn.Module) -> nn.Module:
     return getattr(m, "module", m)
 
 
-def _finish_stage(cfg: ExperimentConfig, stage: str, start: _Start, loop: TrainLoop, last: dict[str, float],
+def _finish_stage(cfg: ExperimentConfig, stage: str, start: StageStart, loop: TrainLoop, last: dict[str, float],
                   **modules: Any) -> Path:
-    """Rank 0 writes ``model.pt`` and ``metrics.json``; every rank leaves the process group."""
+    """Rank 0 writes ``model.pt`` (with the run's config hash) and ``metrics.json``; every rank leaves the group.
+
+    ``last`` and the step times come from the loop's state, which checkpoints carry: a rerun after a kill between
+    the last checkpoint and ``model.pt`` writes the same summary as the uninterrupted run."""
     path = start.layout.model(stage)
     if start.ctx.is_main:
         save_model(path, cfg=cfg, stage=stage, step=loop.step, epoch=loop.step // start.plan.iters_per_epoch,
-                   **modules)
+                   run_hash=loop.config_hash, **modules)
         summary = {
             "experiment": cfg.name, "stage": stage, "steps": loop.step, "total_steps": loop.total_steps,
             "global_batch": start.plan.global_batch, "per_process_batch": start.plan.micro_batch,
             "processes": start.ctx.world_size, "accumulation": start.plan.accumulation,
             "nan_failures": loop.nan_failures, "lr_factor": loop.lr_factor, "precision": cfg.engine.precision,
-            "device": start.ctx.device.type,
+            "device": start.ctx.device.type, "run_hash": loop.config_hash,
             "final": {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)},
-            "step_seconds": step_time_stats(loop.step_seconds),
+            "step_seconds": step_time_stats(loop.step_seconds), **loop.seconds(),
         }
         atomic_write_json(start.layout.metrics(stage), summary, sort_keys=True)
     start.ctx.close()
     return path
+
+
+def _already_finished(layout: RunLayout, stage: str, run_hash: str, end: int) -> bool:
+    """True if ``stage`` already wrote its outputs for this very config (same run hash) up to step ``end``: a
+    finished stage is idempotent, a rerun keeps its ``model.pt`` and ``metrics.json`` (``retrain`` trains again)."""
+    try:
+        payload = read_model_file(layout.model(stage))
+        metrics = json.loads(layout.metrics(stage).read_text())
+    except (OSError, ValueError, LsgmError):
+        return False
+    done = payload.get("run_hash") == run_hash and int(payload.get("step", -1)) >= end and bool(metrics.get("final"))
+    if done:
+        log.info("%s is complete (step %d, same config): nothing to do; pass --retrain to train this stage again",
+                 layout.model(stage), payload["step"])
+    return done
+
+
+def _prepare_rerun(layout: RunLayout, stage: str, run_hash: str, retrain: bool, end: int) -> bool:
+    """Before a stage starts: True if it is already finished (and not ``retrain``). With ``retrain`` the old
+    checkpoints are moved aside and the old outputs removed, so an interrupted retrain resumes without the flag."""
+    if not retrain:
+        return _already_finished(layout, stage, run_hash, end)
+    if int(os.environ.get("RANK", "0")) == 0:
+        ckpts = layout.checkpoints(stage)
+        if ckpts.is_dir():
+            stale = layout.stale_checkpoints(stage, "retrain")
+            shutil.rmtree(stale, ignore_errors=True)
+            ckpts.rename(stale)
+            log.warning("--retrain: moved %s to %s", ckpts, stale)
+        for path in (layout.model(stage), layout.metrics(stage)):
+            path.unlink(missing_ok=True)
+    return False
 
 
 def _add_reg(loop: TrainLoop, reg: Optional[torch.Tensor], params: list[nn.Parameter], m: dict, name: str) -> None:
@@ -115,7 +121,7 @@ class _Stage1:
     """Everything a stage-1 step reads."""
 
     cfg: ExperimentConfig
-    start: _Start
+    start: StageStart
     loop: TrainLoop
     order: BatchIterator
     vae: nn.Module
@@ -162,15 +168,21 @@ def _vae_step(s: _Stage1, step: int) -> dict[str, float]:
 
 
 def train_vae(cfg: ExperimentConfig, run_root: Path = RUNS_ROOT, data_root: Path = PREPARED_ROOT,
-              max_steps: Optional[int] = None) -> Path:
+              max_steps: Optional[int] = None, retrain: bool = False) -> Path:
     """Stage 1: the VAE with a standard-Normal prior (docs/algorithm.md §1.8). Returns the path of ``model.pt``.
 
     Loss per image: ``recon + β_KL Σ_l κ_l KL_l`` (KL balancing while β_KL < 1), plus
-    ``λ (Σ σ_max(W) + Σ max|γ|)``; Adamax, linear warm-up then cosine decay; resumes automatically.
+    ``λ (Σ σ_max(W) + Σ max|γ|)``; Adamax, linear warm-up then cosine decay; resumes automatically; a finished
+    stage is not trained again unless ``retrain``.
     """
     tc = cfg.train_vae
-    start = _start_stage(cfg, VAE_STAGE, tc, run_root, data_root, "train_vae", "")
+    start = start_stage(cfg, VAE_STAGE, tc, run_root, data_root, "train_vae")
     ctx = start.ctx
+    hash_sections = (cfg.data, cfg.vae, tc)
+    end = start.total if max_steps is None else min(start.total, max_steps)
+    if _prepare_rerun(start.layout, VAE_STAGE, config_hash(hash_sections), retrain, end):
+        ctx.close()
+        return start.layout.model(VAE_STAGE)
     torch.manual_seed(tc.seed)
     vae = prepare_batchnorm(build_vae(cfg), ctx).to(ctx.device)
     if cfg.engine.channels_last:
@@ -183,7 +195,7 @@ def train_vae(cfg: ExperimentConfig, run_root: Path = RUNS_ROOT, data_root: Path
                       epochs=tc.epochs, iters_per_epoch=start.plan.iters_per_epoch)
     loop = TrainLoop(cfg=cfg, stage=VAE_STAGE, layout=start.layout, ctx=ctx, modules={"vae": vae},
                      optimizers={"vae": opt}, lr_fns={"vae": lr_fn}, total_steps=start.total,
-                     hash_sections=(cfg.data, cfg.vae, tc), seed=tc.seed, extra_state={"spectral": reg})
+                     hash_sections=hash_sections, seed=tc.seed, extra_state={"spectral": reg})
     order = BatchIterator(len(start.split), start.plan.global_batch, shuffle=True, drop_last=True, seed=tc.seed)
     s = _Stage1(cfg, start, loop, order, vae, params, reg, list(vae.groups_per_scale))
     last = loop.run(lambda step: _vae_step(s, step), max_steps=max_steps)
@@ -197,7 +209,7 @@ class _Stage2:
 
     cfg: ExperimentConfig
     sc: PriorStageConfig
-    start: _Start
+    start: StageStart
     loop: TrainLoop
     order: BatchIterator
     vae: nn.Module
@@ -386,7 +398,15 @@ def _inactive_channels(s: _Stage2, gen: torch.Generator) -> torch.Tensor:
     return inactive
 
 
-def _build_stage2(cfg: ExperimentConfig, stage: str, start: _Start) -> _Stage2:
+def _stage2_hash_sections(cfg: ExperimentConfig, stage: str, layout: RunLayout) -> tuple:
+    """What defines a prior stage's run: data, VAE, the stage's section and the exact model it starts from."""
+    init = layout.model(cfg.prior[stage].init_from)
+    if not init.is_file():
+        raise FileNotFoundError(f"{init}: no model file; train stage {cfg.prior[stage].init_from!r} first")
+    return (cfg.data, cfg.vae, cfg.prior[stage], sha256_file(init))
+
+
+def _build_stage2(cfg: ExperimentConfig, stage: str, start: StageStart) -> _Stage2:
     """Models (the VAE from ``init_from``'s model.pt, the SGM fresh or loaded), objective, optimisers, loop."""
     sc, ctx = cfg.prior[stage], start.ctx
     tc = sc.train
@@ -434,14 +454,14 @@ def _build_stage2(cfg: ExperimentConfig, stage: str, start: _Start) -> _Stage2:
     ema = EMA(tc.ema_decay)
     loop = TrainLoop(cfg=cfg, stage=stage, layout=start.layout, ctx=ctx, modules={"vae": vae, "prior": prior},
                      optimizers=optimizers, lr_fns=lr_fns, total_steps=start.total, ema=ema, extra_state=extra,
-                     seed=tc.seed, hash_sections=(cfg.data, cfg.vae, sc, sha256_file(init_path)))
+                     seed=tc.seed, hash_sections=_stage2_hash_sections(cfg, stage, start.layout))
     order = BatchIterator(len(start.split), start.plan.global_batch, shuffle=True, drop_last=True, seed=tc.seed)
     return _Stage2(cfg, sc, start, loop, order, vae, prior, eps_fn, objective, ema, vae_params, prior_params,
                    reg_vae, reg_prior)
 
 
 def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = RUNS_ROOT, data_root: Path = PREPARED_ROOT,
-               max_steps: Optional[int] = None) -> Path:
+               max_steps: Optional[int] = None, retrain: bool = False) -> Path:
     """Stage 2 (and later prior stages): VAE + SGM prior end to end, disjoint, or a fresh SGM on a frozen VAE
     (docs/algorithm.md §4.5). Starts from ``<run_root>/<exp>/<init_from>/model.pt``; writes
     ``<run_root>/<exp>/<stage>/model.pt``. Returns its path.
@@ -451,8 +471,13 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = RUNS_ROOT, da
     sc = cfg.prior[stage]
     tc = sc.train
     mode = _training_mode(sc)
-    start = _start_stage(cfg, stage, tc, run_root, data_root, f"prior.{stage}.train",
-                         f" ({mode}, p={tc.iw_sample_p}, q={tc.iw_sample_q})")
+    start = start_stage(cfg, stage, tc, run_root, data_root, f"prior.{stage}.train",
+                        f" ({mode}, p={tc.iw_sample_p}, q={tc.iw_sample_q})")
+    end = start.total if max_steps is None else min(start.total, max_steps)
+    run_hash = config_hash(_stage2_hash_sections(cfg, stage, start.layout))
+    if _prepare_rerun(start.layout, stage, run_hash, retrain, end):
+        start.ctx.close()
+        return start.layout.model(stage)
     s = _build_stage2(cfg, stage, start)
 
     def on_start() -> None:

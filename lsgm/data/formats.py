@@ -29,8 +29,10 @@ from typing import IO, Any, ClassVar
 
 import numpy as np
 
+from lsgm.errors import LsgmError
 
-class RawFormatError(ValueError):
+
+class RawFormatError(LsgmError, ValueError):
     """A raw dataset file is truncated, corrupt or not in the expected format."""
 
 

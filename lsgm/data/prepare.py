@@ -28,6 +28,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -39,6 +40,8 @@ from typing import Any
 import numpy as np
 
 from lsgm.data import formats
+from lsgm.atomic import replace_dir
+from lsgm.errors import LsgmError
 from lsgm.data.formats import RawFormatError
 
 FORMAT_VERSION = 1
@@ -49,7 +52,7 @@ DIGITS_SPLIT = (1257, 270, 270)  # train / valid / test of the 1,797 scikit-lear
 CELEBA_SPLIT = (27000, 3000)  # train / valid of CelebA-HQ-256 (GLOW release)
 
 
-class DatasetError(RuntimeError):
+class DatasetError(LsgmError, RuntimeError):
     """Base class of dataset preparation errors."""
 
 
@@ -157,11 +160,16 @@ def _where_to_get(raw: RawFile, path: Path) -> str:
     return f"Download it from {' or '.join(raw.urls)} ({checksum}) and place it at {path.resolve()}"
 
 
-def verify_raw_file(path: Path, raw: RawFile, verify_checksums: bool) -> dict[str, Any]:
+def verify_raw_file(path: Path, raw: RawFile, verify_checksums: bool,
+                    accepted_sha256: str | None = None) -> dict[str, Any]:
     """Check a raw file against its published checksum and return its manifest entry.
 
+    ``accepted_sha256`` (``lsgm prepare --accept-sha256 FILE=HEX``): the user vouches for a file with another
+    checksum (a mirror, a re-compressed copy); it is accepted only with exactly that sha256, recorded in the
+    manifest as ``accepted_sha256`` with ``verified: false``, and a warning is printed.
+
     Raises:
-        ChecksumMismatchError: the checksum differs (only with ``verify_checksums``).
+        ChecksumMismatchError: the checksum differs (only with ``verify_checksums``), or differs from the accepted one.
     """
     sha256 = file_digest(path, "sha256")
     entry: dict[str, Any] = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256,
@@ -170,6 +178,14 @@ def verify_raw_file(path: Path, raw: RawFile, verify_checksums: bool) -> dict[st
         entry["expected"]["md5"] = raw.md5
     if raw.sha256:
         entry["expected"]["sha256"] = raw.sha256
+    if accepted_sha256 is not None:
+        if sha256 != accepted_sha256.lower():
+            raise ChecksumMismatchError(f"checksum mismatch for {path.resolve()}: sha256 is {sha256}, not the "
+                                        f"{accepted_sha256} accepted with --accept-sha256")
+        _warn_unverified(f"{path}: accepted by its sha256 {sha256} (--accept-sha256), not by the published "
+                         f"checksum ({raw.checksum_source or 'none'}); recorded in the manifest")
+        entry["accepted_sha256"] = sha256
+        return entry
     if not entry["expected"]:
         _warn_unverified(f"{path}: no published checksum for {raw.filename}; verified by format only "
                          f"(sha256 {sha256} recorded in the manifest)")
@@ -182,7 +198,8 @@ def verify_raw_file(path: Path, raw: RawFile, verify_checksums: bool) -> dict[st
             raise ChecksumMismatchError(
                 f"checksum mismatch for {path.resolve()}: {algorithm} is {actual}, expected {expected} "
                 f"({raw.checksum_source}). The file is corrupt, truncated or a different release: "
-                f"delete it and download it again. {_where_to_get(raw, path)}"
+                f"delete it and download it again (or, if you trust this copy, pass "
+                f"--accept-sha256 {raw.filename}={sha256}). {_where_to_get(raw, path)}"
             )
     entry["verified"] = True
     return entry
@@ -220,7 +237,8 @@ def download_raw_file(raw: RawFile, path: Path, verify_checksums: bool = True) -
     )
 
 
-def ensure_raw_file(raw: RawFile, folder: Path, download: bool, verify_checksums: bool) -> tuple[Path, dict]:
+def ensure_raw_file(raw: RawFile, folder: Path, download: bool, verify_checksums: bool,
+                    accepted_sha256: str | None = None) -> tuple[Path, dict]:
     """Return the path of a raw file (downloading it if allowed) and its manifest entry."""
     path = folder / raw.filename
     if not path.is_file():
@@ -228,7 +246,19 @@ def ensure_raw_file(raw: RawFile, folder: Path, download: bool, verify_checksums
             raise RawFileMissingError(f"raw file missing: {path.resolve()}. {_where_to_get(raw, path)} "
                                       "(or run with downloading enabled).")
         return path, download_raw_file(raw, path, verify_checksums)
-    return path, verify_raw_file(path, raw, verify_checksums)
+    return path, verify_raw_file(path, raw, verify_checksums, accepted_sha256)
+
+
+def require_raw_files(name: str, folder: Path, download: bool) -> None:
+    """Fail at once, listing EVERY missing raw file of ``name`` with where to get it, when downloading is off."""
+    if download or name not in _FIXED_RAW_FILES:
+        return
+    missing = [raw for raw in RAW_FILES[name] if not (folder / raw.filename).is_file()]
+    if missing:
+        listed = "; ".join(f"{(folder / raw.filename).resolve()} from {raw.urls[0]}"
+                           + (f" (md5 {raw.md5})" if raw.md5 else "") for raw in missing)
+        raise RawFileMissingError(f"{len(missing)} of {len(RAW_FILES[name])} raw files of {name} are missing "
+                                  f"(downloading is off): {listed}; place them there, or run without --no-download")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +288,12 @@ class _Context:
     seed: int
     image_size: int
     celeba_split: tuple[int, int]
+    accept_sha256: dict[str, str] = field(default_factory=dict)
+
+    def ensure(self, raw: RawFile) -> tuple[Path, dict]:
+        """:func:`ensure_raw_file` with this call's download / verification / accepted-checksum settings."""
+        return ensure_raw_file(raw, self.raw_folder, self.download, self.verify_checksums,
+                               self.accept_sha256.get(raw.filename))
 
 
 def _pad_to_32(images: np.ndarray) -> np.ndarray:
@@ -300,7 +336,7 @@ def _build_mnist(ctx: _Context) -> _Built:
     built = _Built()
     files = {}
     for raw in RAW_FILES["mnist"]:
-        path, entry = ensure_raw_file(raw, ctx.raw_folder, ctx.download, ctx.verify_checksums)
+        path, entry = ctx.ensure(raw)
         files[raw.filename] = path
         built.raw_inputs.append(entry)
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -317,7 +353,7 @@ def _build_mnist(ctx: _Context) -> _Built:
 
 def _build_omniglot(ctx: _Context) -> _Built:
     built = _Built()
-    path, entry = ensure_raw_file(RAW_FILES["omniglot"][0], ctx.raw_folder, ctx.download, ctx.verify_checksums)
+    path, entry = ctx.ensure(RAW_FILES["omniglot"][0])
     built.raw_inputs.append(entry)
     arrays = formats.read_omniglot_mat(path)
     built.splits = {split: _pad_to_32(images) for split, images in arrays.items()}
@@ -329,7 +365,7 @@ def _build_omniglot(ctx: _Context) -> _Built:
 
 def _build_cifar10(ctx: _Context) -> _Built:
     built = _Built()
-    path, entry = ensure_raw_file(RAW_FILES["cifar10"][0], ctx.raw_folder, ctx.download, ctx.verify_checksums)
+    path, entry = ctx.ensure(RAW_FILES["cifar10"][0])
     built.raw_inputs.append(entry)
     built.splits = formats.read_cifar10_tar(path)
     built.split_description = "official CIFAR-10 split: data_batch_1..5 (in order) -> train, test_batch -> test"
@@ -408,7 +444,7 @@ def _build_celeba256(ctx: _Context) -> _Built:
                 built.raw_inputs.append({"file": str(shard.relative_to(ctx.raw_folder)), "bytes": shard.stat().st_size,
                                          "sha256": file_digest(shard), "expected": {}, "verified": False})
         else:
-            source, entry = ensure_raw_file(raw, ctx.raw_folder, ctx.download, ctx.verify_checksums)
+            source, entry = ctx.ensure(raw)
             built.raw_inputs.append(entry)
         for split, count in (("train", n_train), ("valid", n_valid)):
             built.splits[split] = _fill_split(ctx, split, count, _iter_tfr_images(ctx, source, split))
@@ -434,6 +470,9 @@ def _build_celeba256(ctx: _Context) -> _Built:
                                    f"next {n_valid} -> valid ({len(files) - n_train - n_valid} ignored)")
     return built
 
+
+#: datasets whose raw files are a fixed list (celeba256 accepts one of three layouts instead)
+_FIXED_RAW_FILES = ("mnist", "omniglot", "cifar10")
 
 _BUILDERS: dict[str, Callable[[_Context], _Built]] = {
     "digits": _build_digits,
@@ -475,20 +514,39 @@ def _write_outputs(ctx: _Context, built: _Built) -> None:
     (ctx.tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _swap_into_place(tmp_dir: Path, target: Path) -> None:
-    """Rename ``tmp_dir`` to ``target``; an existing ``target`` is removed only after the swap."""
-    if not target.exists():
-        os.replace(tmp_dir, target)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    backup.rmdir()
-    os.replace(target, backup)
+_OWNER_FILE = ".owner-pid"
+
+
+def _alive(pid: int) -> bool:
     try:
-        os.replace(tmp_dir, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out_dir: Path, name: str) -> list[Path]:
+    """Remove the temp folders (``.NAME.tmp-*``, ``.NAME.old-*``) that a killed ``prepare`` left behind.
+
+    A folder is stale when the process that made it (its ``.owner-pid``) no longer runs; one without an owner file
+    (an older version, or a kill before it was written) is stale when older than an hour. Returns what was removed.
+    """
+    removed = []
+    for d in list(out_dir.glob(f".{name}.tmp-*")) + list(out_dir.glob(f".{name}.old-*")):
+        if not d.is_dir():
+            continue
+        owner = d / _OWNER_FILE
+        try:
+            stale = not _alive(int(owner.read_text().strip()))
+        except (OSError, ValueError):
+            stale = time.time() - d.stat().st_mtime > 3600
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+            print(f"removed {d}, left by a killed `lsgm prepare {name}`")
+    return removed
 
 
 def prepare_dataset(
@@ -501,6 +559,7 @@ def prepare_dataset(
     verify_checksums: bool = True,
     image_size: int = 256,
     celeba_split: tuple[int, int] = CELEBA_SPLIT,
+    accept_sha256: dict[str, str] | None = None,
 ) -> Path:
     """Prepare dataset ``name`` into ``<out_dir>/<name>/`` (format in the module docstring).
 
@@ -517,6 +576,12 @@ def prepare_dataset(
             generated files should turn this off; the sha256 of every input is recorded either way.
         image_size: ``celeba256`` image side (256 for the real data; smaller for tests).
         celeba_split: ``celeba256`` (train, valid) counts, (27000, 3000) for the real data.
+        accept_sha256: raw file name -> sha256 the user vouches for (``--accept-sha256 FILE=HEX``): such a file
+            is accepted with exactly that checksum instead of the published one, recorded in the manifest, with a
+            warning.
+
+    Temp folders of an earlier call that was killed (``.NAME.tmp-*``, ``.NAME.old-*`` whose writer is gone) are
+    removed first.
 
     Returns:
         The prepared dataset folder.
@@ -531,16 +596,26 @@ def prepare_dataset(
     if image_size < 1 or len(celeba_split) != 2 or min(celeba_split) < 1:
         raise ValueError(f"image_size={image_size}, celeba_split={celeba_split}: need positive values")
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    accept = dict(accept_sha256 or {})
+    unknown = sorted(set(accept) - {raw.filename for raw in RAW_FILES.get(name, ())})
+    if unknown:
+        raise ValueError(f"--accept-sha256 names {unknown}, which are not raw files of {name}; allowed: "
+                         f"{[raw.filename for raw in RAW_FILES.get(name, ())]}")
+    require_raw_files(name, raw_dir / name, download)
     target = out_dir / name
     created_out_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out_dir, name)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
-    ctx = _Context(name, raw_dir / name, tmp_dir, download, verify_checksums, seed, image_size, tuple(celeba_split))
+    (tmp_dir / _OWNER_FILE).write_text(f"{os.getpid()}\n")
+    ctx = _Context(name, raw_dir / name, tmp_dir, download, verify_checksums, seed, image_size, tuple(celeba_split),
+                   accept)
     try:
         built = _BUILDERS[name](ctx)
         _write_outputs(ctx, built)
         built.splits.clear()  # release memmaps before renaming
-        _swap_into_place(tmp_dir, target)
+        (tmp_dir / _OWNER_FILE).unlink()
+        replace_dir(tmp_dir, target)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         if created_out_dir and not any(out_dir.iterdir()):

@@ -1,9 +1,10 @@
 # Shared by every rule: the experiment matrix, the stage table (lsgm/pipeline.py: the one home of each
 # stage's command, inputs, outputs and params) and small adapters from it to rule directives.
 import posixpath
+import sys
 
 import lsgm.pipeline as P
-from lsgm.config import default_experiments, list_experiments
+from lsgm.config import ConfigError, default_experiments, list_experiments
 
 ALL_EXPERIMENTS = list_experiments()
 
@@ -21,10 +22,15 @@ def _selected_experiments():
 
 
 EXPS = _selected_experiments()
-PIPE = P.build_pipeline(ALL_EXPERIMENTS, report_experiments=EXPS)
+try:  # a broken params file stops only the experiments that use it (named below); a selected one stops the run
+    PIPE = P.build_pipeline(ALL_EXPERIMENTS, report_experiments=EXPS, skip_broken=True)
+except ConfigError as exc:
+    sys.exit(f"lsgm: config error: {exc}")
+for _name, _error in PIPE.broken.items():
+    print(f"lsgm: skipping experiment {_name} (not selected): {_error}", file=sys.stderr)
 
 wildcard_constraints:
-    exp="|".join(ALL_EXPERIMENTS),
+    exp="|".join(PIPE.configs),
     stage="|".join(sorted({s for c in PIPE.configs.values() for s in c.prior})),
     dataset="[a-z0-9]+",
     split="train|train_valid",
