@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lsgm.config import ConfigError, dump_config, list_experiments, load_experiment
 from lsgm.errors import LsgmError, storage_error
-from lsgm.runs import PREPARED_ROOT, RUNS_ROOT
+from lsgm.runs import CLASSIFIERS_ROOT, PREPARED_ROOT, RUNS_ROOT
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
@@ -76,11 +76,76 @@ def _cmd_train_lsgm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_run(cfg, tag: str | None):
+    """The config's sampling run called ``tag`` (None or "default": the default run)."""
+    if tag in (None, "", "default"):
+        return None
+    runs = {r.tag: r for r in cfg.all_sample_runs()}
+    if tag not in runs:
+        raise ConfigError(f"{cfg.name}: --run {tag!r} is not one of its sample_runs; allowed: default, "
+                          f"{', '.join(runs) or '(none configured)'}")
+    return runs[tag]
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from lsgm.evaluate import sample_experiment
 
     cfg = load_experiment(args.experiment)
-    sample_experiment(cfg, run_root=Path(args.run_root), num_samples=args.num_samples)
+    sample_experiment(cfg, run_root=Path(args.run_root), num_samples=args.num_samples,
+                      run=_sample_run(cfg, args.run))
+    return 0
+
+
+def _cmd_sample_run(args: argparse.Namespace) -> int:
+    from lsgm.evaluate import sample_experiment
+
+    cfg = load_experiment(args.experiment)
+    runs = {r.tag: r for r in cfg.all_sample_runs()}
+    if args.run not in runs:
+        raise ConfigError(f"{cfg.name}: sampling run {args.run!r} is not configured (sample_runs or the claims' "
+                          f"runs); allowed: {', '.join(runs) or '(none)'}")
+    sample_experiment(cfg, run_root=Path(args.run_root), num_samples=args.num_samples, run=runs[args.run])
+    return 0
+
+
+def _cmd_claims(args: argparse.Namespace) -> int:
+    from lsgm.claims import write_claims
+    from lsgm.config import experiment_file
+
+    for name in args.experiments:
+        experiment_file(name)  # unknown names: one clear error before anything is written
+    write_claims(experiments=args.experiments, run_root=Path(args.run_root), out_dir=Path(args.out_dir))
+    return 0
+
+
+def _cmd_train_data_sgm(args: argparse.Namespace) -> int:
+    from lsgm.train import train_data_sgm
+
+    cfg = load_experiment(args.experiment)
+    train_data_sgm(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root), max_steps=args.max_steps,
+                   retrain=args.retrain)
+    return 0
+
+
+def _cmd_train_classifier(args: argparse.Namespace) -> int:
+    from lsgm.classifier import train_classifier
+
+    cfg = load_experiment(args.experiment)
+    fd = cfg.eval_fd
+    train_classifier(cfg.data.dataset, data_root=Path(args.data_root), root=Path(args.out_root),
+                     epochs=fd.classifier_epochs, batch_size=fd.classifier_batch_size, width=fd.classifier_width,
+                     seed=fd.classifier_seed, num_threads=cfg.engine.num_threads,
+                     max_images=cfg.data.max_train_images)
+    return 0
+
+
+def _cmd_eval_fd(args: argparse.Namespace) -> int:
+    from lsgm.classifier import eval_fd_experiment
+
+    cfg = load_experiment(args.experiment)
+    run = _sample_run(cfg, args.run)
+    eval_fd_experiment(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root),
+                       tag=run.tag if run else "", classifier_root=Path(args.classifier_root))
     return 0
 
 
@@ -180,15 +245,43 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (debug)")
     sp.add_argument("--retrain", action="store_true", help=RETRAIN_HELP)
 
-    sp = add("sample", _cmd_sample, "draw samples with the probability-flow ODE")
+    sp = add("train-data-sgm", _cmd_train_data_sgm,
+             "train the data-space score model (NCSN++ + VPSDE on dequantised pixels; the paper's baseline class)")
     exp(sp)
+    roots(sp)
+    sp.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (debug)")
+    sp.add_argument("--retrain", action="store_true", help=RETRAIN_HELP)
+
+    sp = add("sample", _cmd_sample, "draw samples (probability-flow ODE of the final prior stage, or a sample run)")
+    exp(sp)
+    roots(sp, data=False)
+    sp.add_argument("--num-samples", type=int, default=None, help="override sampling.num_samples")
+    sp.add_argument("--run", default=None, help="a tag of the experiment's sample_runs (default: the default run)")
+
+    sp = add("sample-run", _cmd_sample_run, "draw the samples of one configured sampling run (another model, the "
+             "ancestral sampler or another ODE tolerance) into samples/RUN/")
+    exp(sp)
+    sp.add_argument("run", help="the run's tag, e.g. lsgm-ode-tol0.01 or data_sgm-ancestral1000")
     roots(sp, data=False)
     sp.add_argument("--num-samples", type=int, default=None, help="override sampling.num_samples")
 
     sp = add("eval-nll", _cmd_eval_nll, "NLL bound on the evaluation split (VAE terms + ODE prior term)")
     exp(sp)
     roots(sp)
-    sp.add_argument("--model", choices=["lsgm", "vae"], default="lsgm", help="evaluate LSGM or the VAE alone")
+    sp.add_argument("--model", default="lsgm", help="lsgm (the final prior stage), vae (the VAE alone), a prior "
+                                                    "stage's name, or data_sgm (default: lsgm)")
+
+    sp = add("train-classifier", _cmd_train_classifier,
+             "train the dataset's feature classifier (FD/KID of samples in its features; eval_fd section)")
+    exp(sp)
+    sp.add_argument("--data-root", default=str(PREPARED_ROOT))
+    sp.add_argument("--out-root", default=str(CLASSIFIERS_ROOT), help=f"(default: {CLASSIFIERS_ROOT})")
+
+    sp = add("eval-fd", _cmd_eval_fd, "FD and KID of a sampling run in the dataset-classifier's features")
+    exp(sp)
+    roots(sp)
+    sp.add_argument("--run", default=None, help="a tag of the experiment's sample_runs (default: the default run)")
+    sp.add_argument("--classifier-root", default=str(CLASSIFIERS_ROOT), help=f"(default: {CLASSIFIERS_ROOT})")
 
     sp = add("fid-stats", _cmd_fid_stats, "reference Inception statistics of the training split")
     exp(sp)
@@ -205,7 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
              "torchrun on one node, or srun + torchrun (c10d rendezvous) on several Slurm nodes")
     add_launch_arguments(sp)
 
-    sp = add("report", _cmd_report, "write reports/results.{md,csv}, claims.md and figures")
+    sp = add("claims", _cmd_claims, "compute the paper's claims at small scale: reports/claims.json and claims.md")
+    sp.add_argument("--experiments", nargs="+", required=True,
+                    help="experiment instances (NAME, NAME_seed1, ...) whose metric files the claims read")
+    sp.add_argument("--run-root", default=str(RUNS_ROOT))
+    sp.add_argument("--out-dir", default="reports")
+
+    sp = add("report", _cmd_report, "write reports/results.{md,csv} (with the small-scale checks) and figures")
     sp.add_argument("--run-root", default=str(RUNS_ROOT))
     sp.add_argument("--out-dir", default="reports")
     sp.add_argument("--experiments", nargs="*", default=None, help="default: every experiment in the matrix")

@@ -32,7 +32,16 @@ from lsgm.choices import (COMPAT_MODES, DEVICES, IW_MODES, IW_Q_MODES, ODE_METHO
 from lsgm.stages import STAGES
 
 __all__ = [
+    "ClaimsConfig",
     "ConfigError",
+    "DataSGMConfig",
+    "FDEvalConfig",
+    "SampleRunConfig",
+    "TrainSGMConfig",
+    "matrix_claims_experiments",
+    "seeded_names",
+    "split_seed",
+    "with_seed_offset",
     "DataConfig",
     "VAEConfig",
     "TrainVAEConfig",
@@ -80,6 +89,7 @@ def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float
 DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
     "digits": (1, 8, 8),
     "mnist": (1, 32, 32),
+    "fashion_mnist": (1, 28, 28),
     "omniglot": (1, 32, 32),
     "cifar10": (3, 32, 32),
     "celeba256": (3, 256, 256),
@@ -94,7 +104,7 @@ RESOURCE_STAGES = STAGES
 class DataConfig:
     """Dataset and its preprocessing (docs/algorithm.md §8, §1.6)."""
 
-    dataset: Literal["digits", "mnist", "omniglot", "cifar10", "celeba256"]
+    dataset: Literal[tuple(DATASET_SHAPES)]
     binarize: bool  # dynamic binarisation at load time (digits, MNIST, OMNIGLOT)
     num_x_bits: int = _f(lo=1, hi=8)  # 8 for CIFAR-10, 5 for CelebA-HQ-256
     flip: bool = False  # random horizontal flip of training images
@@ -221,6 +231,8 @@ class ScoreNetConfig:
     embedding_dim: int = _f(128, lo=2)
     attn_resolutions: tuple[int, ...] = (16,)
     mixing_logit_init: float = _f(-3.0)
+    mixed_score: bool = _f(True, doc="the mixed score of paper Sec. 3.2 (docs/algorithm.md §3); false: the network "
+                                     "predicts ε alone (the paper's ablation; data-space models)")
 
     def check(self, where: str) -> None:
         if len(self.channel_mult) != self.num_scales:
@@ -281,6 +293,101 @@ class PriorStageConfig:
     score_net: ScoreNetConfig
     train: TrainLSGMConfig
     load_prior: bool = False  # also take the SGM weights from init_from (False: fresh SGM, CelebA stage 3)
+    prior_kind: Literal["sgm", "normal"] = _f(
+        "sgm", doc="normal: no SGM; the stage trains the VAE further with its N(0, I) prior, with the stage's "
+                   "optimiser and schedule (the baseline 'VAE alone for the same total steps')")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSGMConfig:
+    """Training of a data-space score model (the paper's comparison class, Song et al. 2021): the SGM objective of
+    docs/algorithm.md §4.4 on dequantised images, with the stage-2 engine."""
+
+    epochs: int = _f(lo=1)
+    batch_size: int = _f(lo=1, doc="per-GPU (per-process) batch")
+    global_batch_size: Optional[int] = _f(None, lo=1)
+    learning_rate: float = _f(lo=0, lo_open=True)
+    learning_rate_min: float = _f(lo=0)
+    adam_eps: float = _f(1e-8, lo=0, lo_open=True)
+    weight_decay: float = _f(0.0, lo=0)
+    weight_decay_mode: Literal[WEIGHT_DECAY_MODES] = "decoupled"
+    ema_decay: float = _f(lo=0, hi=1)
+    warmup_epochs: float = _f(0.0, lo=0)
+    iw_sample_p: Literal[IW_MODES] = _f("ll_iw", doc="ll_iw / ll_uniform: likelihood weighting (the NLL)")
+    weight_decay_norm: float = _f(0.0, lo=0, doc="λ of the spectral + norm-layer regulariser (docs/algorithm.md §1.7)")
+    grad_clip: float = _f(0.0, lo=0)
+    compat: Literal[COMPAT_MODES] = "exact"
+    seed: int = _f(lo=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSGMConfig:
+    """A score model in data space: NCSN++ + VPSDE trained directly on uniformly dequantised images, sampled and
+    evaluated by the same probability-flow ODE as the latent prior (model name ``data_sgm``)."""
+
+    sde: SDEConfig
+    score_net: ScoreNetConfig
+    train: TrainSGMConfig
+    eval_images: Optional[int] = _f(None, lo=1, doc="test images of its NLL (None: data.max_eval_images); its ODE "
+                                                    "costs far more per image than the latent prior's")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleRunConfig:
+    """One extra sampling run of an experiment (beyond the default ``lsgm`` ODE run of ``sampling``).
+
+    ``model``: ``lsgm`` (the final prior stage), another prior stage's name, ``vae`` (the stage-1 VAE's N(0, I)
+    prior) or ``data_sgm``; ``sampler``: ``ode`` (probability-flow ODE, ``ode_tol`` overrides ``sampling.ode_tol``)
+    or ``ancestral`` (``steps`` network evaluations, docs/algorithm.md §6.3)."""
+
+    model: str = "lsgm"
+    sampler: Literal["ode", "ancestral"] = "ode"
+    ode_tol: Optional[float] = _f(None, lo=0, lo_open=True)
+    steps: int = _f(1000, lo=1, doc="ancestral sampler steps")
+    num_samples: Optional[int] = _f(None, lo=1, doc="None: sampling.num_samples")
+
+    @property
+    def tag(self) -> str:
+        """Name of the run (its folder ``samples/<tag>/``), e.g. ``lsgm-ode-tol0.001``, ``data_sgm-ancestral1000``."""
+        if self.sampler == "ancestral":
+            return f"{self.model}-ancestral{self.steps}"
+        return f"{self.model}-ode" + (f"-tol{self.ode_tol:g}" if self.ode_tol is not None else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FDEvalConfig:
+    """Sample quality in the feature space of a classifier trained on the dataset (lsgm/classifier.py): FD and KID
+    of every sampling run against the training images, computed by torch-fidelity."""
+
+    enabled: bool = False
+    classifier_epochs: int = _f(2, lo=1)
+    classifier_width: int = _f(16, lo=1)
+    classifier_batch_size: int = _f(128, lo=1)
+    classifier_seed: int = _f(0, lo=0)
+    max_reference_images: int = _f(10000, lo=2)
+    kid_subset_size: int = _f(500, lo=2)
+    batch_size: int = _f(500, lo=1)
+    subset_size: int = _f(250, lo=2, doc="FD / KID are also computed on the first N samples of every run, so that runs "
+                                         "with fewer samples (the costly ancestral sampler) compare at equal N")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClaimsConfig:
+    """Which models of the experiment play which role in the paper's claims (lsgm/claims.py, docs/algorithm.md
+    "Claims at small scale"); a role left empty skips the claims that need it."""
+
+    lsgm: Optional[str] = "lsgm"  # the end-to-end LSGM (C1, C2, C3, C4, C5, C6)
+    vae_alone: Optional[str] = None  # the VAE trained alone for the same total steps (C2)
+    no_mixed_score: Optional[str] = None  # the LSGM without the mixed score (C3)
+    frozen_vae: Optional[str] = None  # a fresh SGM on the frozen stage-1 VAE (C4)
+    data_sgm: Optional[str] = None  # the data-space score model (C5)
+    tolerances: tuple[float, ...] = ()  # ODE tolerances of the latent model's FD/NFE curve (C6)
+    ancestral_steps: int = _f(1000, lo=1)  # the data-space ancestral sampler of C5 (b)
+    ancestral_comparison_tol: Optional[float] = _f(
+        None, lo=0, lo_open=True, doc="C5 (b): the latent ODE's tolerance against the ancestral sampler (fixed in "
+                                      "advance; None: sampling.ode_tol); its run must be among the tolerances")
+    costly_num_samples: Optional[int] = _f(None, lo=1, doc="samples of the data-space model's runs (its network "
+                                                           "evaluations are the costly ones); None: sampling's")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -387,11 +494,59 @@ class ExperimentConfig:
     eval_fid: FIDEvalConfig
     engine: EngineConfig = field(default_factory=EngineConfig)
     resources: dict[str, ResourceConfig] = field(default_factory=dict)
+    data_sgm: Optional[DataSGMConfig] = None
+    eval_fd: FDEvalConfig = field(default_factory=FDEvalConfig)
+    nll_models: tuple[str, ...] = ("lsgm", "vae")
+    sample_runs: tuple[SampleRunConfig, ...] = ()
+    claims: ClaimsConfig = field(default_factory=ClaimsConfig)
+    seed_offset: int = _f(0, lo=0, doc="added to every seed (a derived experiment NAME_seedK has K)")
 
     @property
     def final_prior_stage(self) -> str:
-        """Name of the prior stage whose model is sampled and evaluated."""
+        """Name of the prior stage whose model is sampled and evaluated as ``lsgm``."""
         return list(self.prior)[-1]
+
+    def model_stage(self, model: str) -> str:
+        """The training stage whose ``model.pt`` a model name means: ``lsgm`` -> the final prior stage."""
+        return self.final_prior_stage if model == "lsgm" else model
+
+    def claims_runs(self) -> dict[str, SampleRunConfig]:
+        """The sampling runs the claims read, by purpose (lsgm/claims.py): the latent ODE at each tolerance, each
+        ablation model's ODE, the data-space ODE and ancestral sampler. The default run is ``SampleRunConfig()``."""
+        c, runs = self.claims, {}
+        if c.lsgm is None:
+            return runs
+        small = c.costly_num_samples
+        runs["lsgm"] = SampleRunConfig(model=c.lsgm) if c.lsgm != "lsgm" else SampleRunConfig()
+        for tol in c.tolerances:
+            if tol != self.sampling.ode_tol or c.lsgm != "lsgm":
+                runs[f"lsgm@{tol:g}"] = SampleRunConfig(model=c.lsgm, ode_tol=tol)
+        for role in ("vae_alone", "no_mixed_score", "frozen_vae", "data_sgm"):
+            model = getattr(c, role)
+            if model is not None:
+                runs[role] = SampleRunConfig(model=model, num_samples=small if role == "data_sgm" else None)
+        if c.data_sgm is not None:
+            runs["data_sgm_ancestral"] = SampleRunConfig(model=c.data_sgm, sampler="ancestral",
+                                                         steps=c.ancestral_steps, num_samples=small)
+        return runs
+
+    def all_sample_runs(self) -> tuple[SampleRunConfig, ...]:
+        """Every extra sampling run the pipeline makes: ``sample_runs`` plus those the claims read (not the
+        default run, which always exists)."""
+        runs = list(self.sample_runs) + [r for r in self.claims_runs().values() if r != SampleRunConfig()]
+        return tuple(dict.fromkeys(runs))
+
+    def all_nll_models(self) -> tuple[str, ...]:
+        """Every model whose NLL bound the pipeline evaluates: ``nll_models`` plus those the claims read."""
+        c = self.claims
+        roles = [m for m in (c.lsgm, c.vae_alone, c.no_mixed_score, c.frozen_vae, c.data_sgm) if m is not None]
+        return tuple(dict.fromkeys([*self.nll_models, *roles]))
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Every model name that can be sampled or evaluated: vae, lsgm, each prior stage, data_sgm."""
+        names = ("vae", "lsgm", *self.prior, *(("data_sgm",) if self.data_sgm is not None else ()))
+        return tuple(dict.fromkeys(names))
 
     def resource(self, stage: str) -> ResourceConfig:
         return self.resources.get(stage, ResourceConfig())
@@ -667,11 +822,45 @@ def _cross_check(cfg: ExperimentConfig, where: str) -> None:
         if p.load_prior and p.init_from == "vae":
             raise ConfigError(f"{w}.load_prior = true needs init_from to name an earlier prior stage")
         seen.append(stage)
+    _check_models(cfg, where)
     for stage in cfg.resources:
         if stage not in RESOURCE_STAGES:
             close = difflib.get_close_matches(stage, RESOURCE_STAGES, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{where}: resources.{stage}: unknown stage{hint} (allowed: {', '.join(RESOURCE_STAGES)})")
+
+
+def _check_models(cfg: ExperimentConfig, where: str) -> None:
+    """The data-space model, model names in nll_models / sample_runs / claims."""
+    if cfg.data_sgm is not None:
+        w = f"{where}: data_sgm"
+        if cfg.data.binarize:
+            raise ConfigError(f"{w}: a data-space score model needs dequantisable levels; allowed: data.binarize = "
+                              "false (8-bit or bit-reduced data)")
+        cfg.data_sgm.sde.check(w + ".sde")
+        cfg.data_sgm.score_net.check(w + ".score_net")
+        try:
+            check_mode_sde(cfg.data_sgm.train.iw_sample_p, cfg.data_sgm.sde.kind, "train.iw_sample_p")
+        except ValueError as exc:
+            raise ConfigError(f"{w}.{exc} (docs/algorithm.md §4.3)") from None
+    models = cfg.models
+    refs = [(f"nll_models[{i}]", m) for i, m in enumerate(cfg.nll_models)]
+    refs += [(f"sample_runs[{i}].model", r.model) for i, r in enumerate(cfg.sample_runs)]
+    refs += [(f"claims.{f.name}", getattr(cfg.claims, f.name)) for f in dataclasses.fields(ClaimsConfig)
+             if f.type in ("Optional[str]",) or isinstance(getattr(cfg.claims, f.name), str)]
+    for key, model in refs:
+        if model is not None and model not in models:
+            raise ConfigError(f"{where}: {key} = {model!r} is not a model of this experiment; allowed: "
+                              f"{', '.join(models)}")
+    c = cfg.claims
+    if c.ancestral_comparison_tol is not None and c.ancestral_comparison_tol not in (*c.tolerances,
+                                                                                     cfg.sampling.ode_tol):
+        raise ConfigError(f"{where}: claims.ancestral_comparison_tol = {c.ancestral_comparison_tol!r}; allowed: one "
+                          f"of claims.tolerances {list(c.tolerances)} (its sampling run must exist)")
+    tags = [r.tag for r in cfg.sample_runs]
+    dup = sorted({t for t in tags if tags.count(t) > 1})
+    if dup:
+        raise ConfigError(f"{where}: sample_runs repeats {dup}; allowed: each (model, sampler, tol/steps) once")
 
 
 # --------------------------------------------------------------------------------------------- matrix
@@ -695,15 +884,62 @@ def list_experiments(root: Path | None = None) -> list[str]:
     return list(_matrix(root)[1])
 
 
+def seeded_names(name: str, seeds: list[int]) -> list[str]:
+    """Experiment instances of ``name`` for ``seeds``: seed 0 is ``name`` itself, seed K is ``name_seedK``."""
+    return [name if k == 0 else f"{name}_seed{k}" for k in seeds]
+
+
+def matrix_claims_experiments(root: Path | None = None, seeds: list[int] | None = None) -> list[str]:
+    """The instances the ``claims`` target reads: every matrix entry with ``claims: true``, once per seed
+    (``seeds`` overrides the entry's ``seeds: [0, 1, ...]``; default [0])."""
+    path, exps = _matrix(root)
+    out = []
+    for name, entry in exps.items():
+        if not (isinstance(entry, dict) and entry.get("claims", False)):
+            continue
+        these = seeds if seeds is not None else entry.get("seeds", [0])
+        if not isinstance(these, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
+                                                  for k in these):
+            raise ConfigError(f"{path}: experiments.{name}.seeds = {these!r}; allowed: a list of integers >= 0")
+        out += seeded_names(name, these)
+    return out
+
+
 def default_experiments(root: Path | None = None) -> list[str]:
     """Experiments that the default pipeline target runs."""
     return [k for k, v in _matrix(root)[1].items() if isinstance(v, dict) and v.get("default", False)]
 
 
+_SEED_SUFFIX = re.compile(r"^(?P<base>.+)_seed(?P<k>[0-9]+)$")
+
+
+def split_seed(name: str, root: Path | None = None) -> tuple[str, int]:
+    """``NAME_seedK`` (NAME in the matrix) -> (NAME, K); any other name -> (name, 0).
+
+    A derived experiment ``NAME_seedK`` is NAME's config with every seed (training stages, sampling, NLL
+    evaluation) increased by K: the same experiment repeated with other random numbers (claims across seeds)."""
+    m = _SEED_SUFFIX.match(name)
+    if m and m.group("base") in _matrix(root)[1]:
+        return m.group("base"), int(m.group("k"))
+    return name, 0
+
+
+def with_seed_offset(cfg: ExperimentConfig, k: int) -> ExperimentConfig:
+    """``cfg`` with every seed increased by ``k`` (and ``seed_offset`` recording it)."""
+    if k == 0:
+        return cfg
+    bump = lambda section: dataclasses.replace(section, seed=section.seed + k)  # noqa: E731
+    prior = {name: dataclasses.replace(st, train=bump(st.train)) for name, st in cfg.prior.items()}
+    data_sgm = None if cfg.data_sgm is None else dataclasses.replace(cfg.data_sgm, train=bump(cfg.data_sgm.train))
+    return dataclasses.replace(cfg, train_vae=bump(cfg.train_vae), prior=prior, data_sgm=data_sgm,
+                               sampling=bump(cfg.sampling), eval_nll=bump(cfg.eval_nll), seed_offset=k)
+
+
 def experiment_file(name: str, root: Path | None = None) -> Path:
-    """Path of an experiment's params file."""
+    """Path of an experiment's params file (a derived ``NAME_seedK`` uses NAME's file)."""
     root = root or _repo_root()
     path, exps = _matrix(root)
+    name = split_seed(name, root)[0]
     if name not in exps:
         close = difflib.get_close_matches(name, list(exps), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -720,7 +956,12 @@ def load_experiment(name_or_path: str, root: Path | None = None) -> ExperimentCo
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
         return load_config(p)
-    return load_config(experiment_file(name_or_path, root), name=name_or_path)
+    base, k = split_seed(name_or_path, root)
+    cfg = load_config(experiment_file(base, root), name=name_or_path)
+    if k and cfg.seed_offset:
+        raise ConfigError(f"{experiment_file(base, root)}: seed_offset is set in the file; a derived experiment "
+                          f"{name_or_path!r} cannot add another; allowed: leave seed_offset out")
+    return with_seed_offset(cfg, k)
 
 
 #: where ``lsgm resolve-config EXP`` writes the fully merged config that DVC reads params from (repo-relative)

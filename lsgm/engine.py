@@ -22,6 +22,7 @@ Fault-injection seams (the tests wrap them; nothing here reads the environment f
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -31,12 +32,14 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from lsgm.atomic import atomic_write_json
 from lsgm.checkpoint import CheckpointManager, nonfinite_entries
 from lsgm.choices import WEIGHT_DECAY_MODES, check_choice
 from lsgm.config import EngineConfig, ExperimentConfig, config_hash, write_resolved_config
@@ -51,7 +54,8 @@ log = logging.getLogger("lsgm.engine")
 __all__ = [
     "BatchPlan", "DistContext", "NAN_REMEDIES", "NonFiniteError", "TooManyNaNs", "TrainLoop", "allreduce_grads",
     "cosine_lr", "grad_norm", "host_floats", "keep_cpu_heap", "lr_at", "make_adam", "prepare_batchnorm",
-    "StageStart", "setup_distributed", "setup_logging", "start_stage", "step_time_stats",
+    "StageStart", "add_reg", "already_finished", "finish_stage", "prepare_rerun", "setup_distributed",
+    "setup_logging", "start_stage", "step_time_stats",
 ]
 
 NAN_REMEDIES = (
@@ -488,11 +492,13 @@ class TrainLoop:
         self.generators["data"].manual_seed(s + 1)
         self.generators["noise"].manual_seed(s + 2)
 
-    def micro_batch(self, split: PreparedSplit, idx: torch.Tensor, step: int, index: int) -> torch.Tensor:
-        """Seed the micro-batch's RNGs, then load, preprocess and move its images (model input in [−1, 1])."""
+    def micro_batch(self, split: PreparedSplit, idx: torch.Tensor, step: int, index: int, *,
+                    dequantize: bool = False) -> torch.Tensor:
+        """Seed the micro-batch's RNGs, then load, preprocess and move its images (model input in [−1, 1];
+        ``dequantize``: uniformly dequantised levels, for the data-space score model)."""
         self.seed_micro_batch(step, index)
         return to_model_input(split, idx, self.cfg.data, self.generators["data"], self.ctx.device,
-                              channels_last=self.cfg.engine.channels_last)
+                              channels_last=self.cfg.engine.channels_last and not dequantize, dequantize=dequantize)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -628,3 +634,72 @@ class TrainLoop:
         now = time.monotonic()
         return {"seconds_this_run": now - self._process_start,
                 "seconds_total": self.seconds_total + (now - self._run_start)}
+
+
+# --------------------------------------------------------------------------------------------- stage lifecycle
+def finish_stage(cfg: ExperimentConfig, stage: str, start: StageStart, loop: TrainLoop, last: dict[str, float],
+                  **modules: Any) -> Path:
+    """Rank 0 writes ``model.pt`` (with the run's config hash) and ``metrics.json``; every rank leaves the group.
+
+    ``last`` and the step times come from the loop's state, which checkpoints carry: a rerun after a kill between
+    the last checkpoint and ``model.pt`` writes the same summary as the uninterrupted run."""
+    from lsgm.models import save_model
+
+    path = start.layout.model(stage)
+    if start.ctx.is_main:
+        save_model(path, cfg=cfg, stage=stage, step=loop.step, epoch=loop.step // start.plan.iters_per_epoch,
+                   run_hash=loop.config_hash, **modules)
+        summary = {
+            "experiment": cfg.name, "stage": stage, "steps": loop.step, "total_steps": loop.total_steps,
+            "global_batch": start.plan.global_batch, "per_process_batch": start.plan.micro_batch,
+            "processes": start.ctx.world_size, "accumulation": start.plan.accumulation,
+            "nan_failures": loop.nan_failures, "lr_factor": loop.lr_factor, "precision": cfg.engine.precision,
+            "device": start.ctx.device.type, "run_hash": loop.config_hash,
+            "final": {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)},
+            "step_seconds": step_time_stats(loop.step_seconds), **loop.seconds(),
+        }
+        atomic_write_json(start.layout.metrics(stage), summary, sort_keys=True)
+    start.ctx.close()
+    return path
+
+
+def already_finished(layout: RunLayout, stage: str, run_hash: str, end: int) -> bool:
+    """True if ``stage`` already wrote its outputs for this very config (same run hash) up to step ``end``: a
+    finished stage is idempotent, a rerun keeps its ``model.pt`` and ``metrics.json`` (``retrain`` trains again)."""
+    from lsgm.models import read_model_file
+
+    try:
+        payload = read_model_file(layout.model(stage))
+        metrics = json.loads(layout.metrics(stage).read_text())
+    except (OSError, ValueError, LsgmError):
+        return False
+    done = payload.get("run_hash") == run_hash and int(payload.get("step", -1)) >= end and bool(metrics.get("final"))
+    if done:
+        log.info("%s is complete (step %d, same config): nothing to do; pass --retrain to train this stage again",
+                 layout.model(stage), payload["step"])
+    return done
+
+
+def prepare_rerun(layout: RunLayout, stage: str, run_hash: str, retrain: bool, end: int) -> bool:
+    """Before a stage starts: True if it is already finished (and not ``retrain``). With ``retrain`` the old
+    checkpoints are moved aside and the old outputs removed, so an interrupted retrain resumes without the flag."""
+    if not retrain:
+        return already_finished(layout, stage, run_hash, end)
+    if int(os.environ.get("RANK", "0")) == 0:
+        ckpts = layout.checkpoints(stage)
+        if ckpts.is_dir():
+            stale = layout.stale_checkpoints(stage, "retrain")
+            shutil.rmtree(stale, ignore_errors=True)
+            ckpts.rename(stale)
+            log.warning("--retrain: moved %s to %s", ckpts, stale)
+        for path in (layout.model(stage), layout.metrics(stage)):
+            path.unlink(missing_ok=True)
+    return False
+
+
+def add_reg(loop: TrainLoop, reg: Optional[torch.Tensor], params: list[nn.Parameter], m: dict, name: str) -> None:
+    """Back-propagate a regulariser once per optimiser step (not per micro-batch), into ``params`` only."""
+    if reg is None:
+        return
+    loop.backward(reg, inputs=params)
+    m[name] = reg.detach()

@@ -21,6 +21,7 @@ from torch import nn
 
 from lsgm.config import ExperimentConfig, config_from_dict, config_to_dict
 from lsgm.errors import ModelFileError
+from lsgm.runs import DATA_SGM_STAGE
 
 MODEL_FORMAT = "lsgm-model/1"
 
@@ -64,7 +65,26 @@ def build_prior(cfg: ExperimentConfig, stage: str) -> nn.Module:
                       num_res_blocks=sn.num_res_blocks, channel_mult=tuple(sn.channel_mult), dropout=sn.dropout,
                       fir=sn.fir, embedding_scale=sn.embedding_scale, embedding_dim=sn.embedding_dim,
                       attn_resolutions=tuple(sn.attn_resolutions))
-    return MixedScore(backbone, build_sde(cfg, stage), c, sn.mixing_logit_init)
+    return MixedScore(backbone, build_sde(cfg, stage), c, sn.mixing_logit_init, mixed=sn.mixed_score)
+
+
+def build_data_sgm(cfg: ExperimentConfig) -> nn.Module:
+    """The data-space score model: NCSN++ on images (C, H, W) of ``cfg.data`` with ``cfg.data_sgm``'s sizes and SDE,
+    predicting ε directly (``score_net.mixed_score: false``) or with the mixed score."""
+    from lsgm.nets.ncsnpp import NCSNpp
+    from lsgm.score import MixedScore
+    from lsgm.sde import make_sde
+
+    if cfg.data_sgm is None:
+        raise ValueError(f"{cfg.name}: no data_sgm section; add one to train a data-space score model")
+    ds, (c, h, _) = cfg.data_sgm, cfg.data.shape
+    sn = ds.score_net
+    backbone = NCSNpp(in_channels=c, image_size=h, nf=sn.nf, num_scales=sn.num_scales,
+                      num_res_blocks=sn.num_res_blocks, channel_mult=tuple(sn.channel_mult), dropout=sn.dropout,
+                      fir=sn.fir, embedding_scale=sn.embedding_scale, embedding_dim=sn.embedding_dim,
+                      attn_resolutions=tuple(sn.attn_resolutions))
+    return MixedScore(backbone, make_sde(ds.sde.kind, **ds.sde.sde_params()), c, sn.mixing_logit_init,
+                      mixed=sn.mixed_score)
 
 
 @dataclass
@@ -73,13 +93,14 @@ class LoadedModel:
 
     cfg: ExperimentConfig
     stage: str
-    vae: nn.Module
-    prior: Optional[nn.Module]  # MixedScore, EMA weights if requested and present; None for a stage-1 model
+    vae: Optional[nn.Module]  # None for the data-space score model
+    prior: Optional[nn.Module]  # MixedScore, EMA weights if requested and present; None: N(0, I) prior (stage 1,
+    # or a prior_kind "normal" stage)
     sde: Any
     step: int
 
 
-def save_model(path: str | os.PathLike, *, cfg: ExperimentConfig, stage: str, vae: nn.Module,
+def save_model(path: str | os.PathLike, *, cfg: ExperimentConfig, stage: str, vae: Optional[nn.Module],
                prior: Optional[nn.Module], prior_ema: Optional[dict], step: int, epoch: int,
                run_hash: Optional[str] = None) -> None:
     """Write `model.pt` atomically (temp file + fsync + rename); refuses non-finite weights.
@@ -90,7 +111,7 @@ def save_model(path: str | os.PathLike, *, cfg: ExperimentConfig, stage: str, va
 
     payload = {
         "format": MODEL_FORMAT, "experiment": cfg.name, "stage": stage, "config": config_to_dict(cfg),
-        "vae": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
+        "vae": None if vae is None else {k: v.detach().cpu() for k, v in vae.state_dict().items()},
         "prior": None if prior is None else {k: v.detach().cpu() for k, v in prior.state_dict().items()},
         "prior_ema": None if prior_ema is None else {k: v.detach().cpu() for k, v in prior_ema.items()},
         "step": int(step), "epoch": int(epoch), "run_hash": run_hash,
@@ -128,14 +149,16 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", u
     stored = config_from_dict(payload["config"], where=f"{path}:config")
     cfg = cfg or stored
     stage = payload["stage"]
-    vae = build_vae(stored)
-    vae.load_state_dict(payload["vae"])
-    vae.to(device).eval()
+    vae = None
+    if payload.get("vae") is not None:
+        vae = build_vae(stored)
+        vae.load_state_dict(payload["vae"])
+        vae.to(device).eval()
     prior = sde = None
     if payload.get("prior") is not None:
-        prior = build_prior(stored, stage)
+        prior = build_data_sgm(stored) if stage == DATA_SGM_STAGE else build_prior(stored, stage)
         state = payload["prior_ema"] if use_ema and payload.get("prior_ema") is not None else payload["prior"]
         prior.load_state_dict(state)
         prior.to(device).eval()
-        sde = build_sde(stored, stage)
+        sde = prior.sde
     return LoadedModel(cfg=cfg, stage=stage, vae=vae, prior=prior, sde=sde, step=int(payload["step"]))

@@ -33,10 +33,11 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from lsgm.config import (RESOLVED_PARAMS, ConfigError, ExperimentConfig, ResourceConfig, config_to_dict, default_experiments,
-                         dump_config, experiment_file, list_experiments, load_experiment)
-from lsgm.runs import (RESERVED_STAGE_NAMES, RUNS_ROOT, VAE_STAGE, RunLayout, fid_reference_tag, fid_stats_file,
-                       prepared_dir)
+from lsgm.config import (RESOLVED_PARAMS, ConfigError, ExperimentConfig, ResourceConfig, config_to_dict,
+                         default_experiments, dump_config, experiment_file, list_experiments, load_experiment,
+                         matrix_claims_experiments)
+from lsgm.runs import (DATA_SGM_STAGE, RESERVED_STAGE_NAMES, RUNS_ROOT, VAE_STAGE, ClassifierFiles, RunLayout,
+                       fid_reference_tag, fid_stats_file, prepared_dir)
 from lsgm.stages import STAGES
 
 __all__ = ["Kind", "Stage", "Pipeline", "KINDS", "build_pipeline", "launcher", "slurm_resources",
@@ -83,6 +84,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("prepare", ("dataset",), "lsgm prepare {dataset}", outs=(_PREPARED,), module="lsgm.data.prepare"),
     Kind("fid_stats", ("dataset", "split"), "lsgm fid-stats {exp} --out " + _FID_STATS,
          deps=(_PREPARED,), outs=(_FID_STATS,), params=("data", "eval_fid"), module="lsgm.metrics"),
+    Kind("train_classifier", ("dataset",), "lsgm train-classifier {exp}", deps=(_PREPARED,),
+         outs=(_p(ClassifierFiles("{dataset}").model),), metrics=(_p(ClassifierFiles("{dataset}").metrics),),
+         params=("data", "eval_fd"), module="lsgm.classifier"),
     Kind("train_vae", ("exp",), "{lsgm} train-vae {exp}", deps=(_PREPARED,),
          outs=(_p(_RUN.model(VAE_STAGE)),), metrics=(_p(_RUN.metrics(VAE_STAGE)),),
          persist=(_p(_RUN.checkpoints(VAE_STAGE)), _p(_RUN.dvclive(VAE_STAGE))),
@@ -92,17 +96,29 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          outs=(_p(_RUN.model("{stage}")),), metrics=(_p(_RUN.metrics("{stage}")),),
          persist=(_p(_RUN.checkpoints("{stage}")), _p(_RUN.dvclive("{stage}"))),
          params=("data", "vae", "prior.{stage}", "engine.precision"), module="lsgm.train"),
+    Kind("train_data_sgm", ("exp",), "{lsgm} train-data-sgm {exp}", deps=(_PREPARED,),
+         outs=(_p(_RUN.model(DATA_SGM_STAGE)),), metrics=(_p(_RUN.metrics(DATA_SGM_STAGE)),),
+         persist=(_p(_RUN.checkpoints(DATA_SGM_STAGE)), _p(_RUN.dvclive(DATA_SGM_STAGE))),
+         params=("data", "data_sgm", "engine.precision"), module="lsgm.train"),
     Kind("sample", ("exp",), "lsgm sample {exp}", deps=(_p(_RUN.model("{final}")),),
          outs=(_p(_RUN.samples),), metrics=(_p(_RUN.sample_stats),), plots=(_p(_RUN.grid),),
          params=("sampling",), module="lsgm.evaluate"),
+    Kind("sample_run", ("exp", "run"), "lsgm sample-run {exp} {run}", deps=(_p(_RUN.model("{model_dir}")),),
+         outs=(_p(_RUN.run_samples("{run}")),), metrics=(_p(_RUN.run_stats("{run}")),),
+         plots=(_p(_RUN.run_grid("{run}")),), params=("sampling", "sample_runs", "claims"),
+         module="lsgm.evaluate"),
     Kind("eval_nll", ("exp", "model"), "lsgm eval-nll {exp} --model {model}",
          deps=(_PREPARED, _p(_RUN.model("{model_dir}"))), metrics=(_p(_RUN.nll("{model}")),),
          params=("data", "eval_nll"), module="lsgm.evaluate"),
     Kind("eval_fid", ("exp",), "lsgm eval-fid {exp}", deps=(_p(_RUN.samples), _FID_STATS),
          metrics=(_p(_RUN.fid),), params=("eval_fid",), module="lsgm.metrics"),
+    Kind("eval_fd", ("exp", "run"), "lsgm eval-fd {exp} --run {run}",
+         deps=("{run_samples}", _p(ClassifierFiles("{dataset}").model), _PREPARED), metrics=(_p(_RUN.fd("{run}")),),
+         params=("eval_fd",), module="lsgm.classifier"),
     Kind("report", (), "lsgm report --experiments {experiments}",
-         outs_git=("reports/results.md", "reports/results.csv", "reports/claims.md", "reports/figures"),
-         module="lsgm.report"),
+         outs_git=("reports/results.md", "reports/results.csv", "reports/figures"), module="lsgm.report"),
+    Kind("claims", (), "lsgm claims --experiments {experiments}",
+         outs_git=("reports/claims.json", "reports/claims.md", "reports/claims_c6.png"), module="lsgm.claims"),
 ]}
 if tuple(KINDS) != STAGES:  # the stage list (lsgm/stages.py) is the one home of stage names and their order
     raise RuntimeError(f"lsgm.pipeline.KINDS {list(KINDS)} != lsgm.stages.STAGES {list(STAGES)}")
@@ -274,11 +290,21 @@ def _fields_per_instance(cfg: ExperimentConfig, root: Path) -> list[tuple[str, d
     for stage, p in cfg.prior.items():
         out.append(("train_lsgm", {**base, "stage": stage, "init_from": p.init_from,
                                    "lsgm": launcher(cfg.resource("train_lsgm"))}))
+    if cfg.data_sgm is not None:
+        out.append(("train_data_sgm", {**base, "lsgm": launcher(cfg.resource("train_data_sgm"))}))
     out.append(("sample", base))
-    out.append(("eval_nll", {**base, "model": "lsgm", "model_dir": final}))
-    out.append(("eval_nll", {**base, "model": "vae", "model_dir": VAE_STAGE}))
+    runs = [("default", "")] + [(r.tag, r.tag) for r in cfg.all_sample_runs()]
+    for r in cfg.all_sample_runs():
+        out.append(("sample_run", {**base, "run": r.tag, "model_dir": cfg.model_stage(r.model)}))
+    for model in cfg.all_nll_models():
+        out.append(("eval_nll", {**base, "model": model, "model_dir": cfg.model_stage(model)}))
     if cfg.eval_fid.enabled:
         out.append(("eval_fid", base))
+    if cfg.eval_fd.enabled:
+        out.insert(2, ("train_classifier", base))
+        layout = RunLayout(RUNS_ROOT, exp)
+        for name, tag in runs:
+            out.append(("eval_fd", {**base, "run": name, "run_samples": _p(layout.run_samples(tag))}))
     return out
 
 
@@ -299,7 +325,8 @@ def _make_stage(kind: Kind, f: dict[str, str], exp: str, root: Path, extra_deps:
 
 
 def build_pipeline(experiments: Sequence[str] | None = None, report_experiments: Sequence[str] | None = None,
-                   root: Path | str = ".", *, skip_broken: bool = False) -> Pipeline:
+                   root: Path | str = ".", *, skip_broken: bool = False,
+                   claims_experiments: Sequence[str] | None = None) -> Pipeline:
     """Expand the stage kinds over ``experiments`` (default: the whole matrix).
 
     Shared stages (``prepare`` per dataset, ``fid_stats`` per dataset and reference split) appear once and
@@ -309,6 +336,9 @@ def build_pipeline(experiments: Sequence[str] | None = None, report_experiments:
         experiments: experiment names from ``params/experiments.yaml``.
         report_experiments: experiments the ``report`` stage covers (default: the default experiments).
         root: repository root.
+        claims_experiments: experiment instances (``NAME``, ``NAME_seedK``) the ``claims`` stage reads (default:
+            the matrix's claims experiments with their seeds, :func:`lsgm.config.claims_experiments`); they are
+            added to ``experiments``.
         skip_broken: an experiment whose params file does not load is left out and its error kept in
             ``Pipeline.broken`` (the others still run); otherwise its ConfigError propagates. A broken experiment
             that ``report_experiments`` asks for always raises.
@@ -316,6 +346,8 @@ def build_pipeline(experiments: Sequence[str] | None = None, report_experiments:
     root = Path(root).resolve()
     names = list(experiments) if experiments is not None else list_experiments(root)
     report = list(report_experiments) if report_experiments is not None else default_experiments(root)
+    claims = list(claims_experiments) if claims_experiments is not None else matrix_claims_experiments(root)
+    names += [n for n in claims if n not in names]
     unknown = [n for n in report if n not in names]
     if unknown:
         raise ValueError(f"report_experiments {unknown} are not among experiments {names}")
@@ -342,6 +374,11 @@ def build_pipeline(experiments: Sequence[str] | None = None, report_experiments:
         deps = [p for s in pipe.stages if s.exp in report and s.kind not in ("resolve_config", "prepare", "fid_stats")
                 for p in s.metrics + s.plots]
         pipe.stages.append(_make_stage(KINDS["report"], {"experiments": " ".join(report)}, report[0], root, deps))
+    claims = [n for n in claims if n in pipe.configs]
+    if claims:
+        deps = [p for s in pipe.stages if s.exp in claims and s.kind in ("sample", "sample_run", "eval_nll", "eval_fd")
+                for p in s.metrics]
+        pipe.stages.append(_make_stage(KINDS["claims"], {"experiments": " ".join(claims)}, claims[0], root, deps))
     return pipe
 
 

@@ -7,7 +7,8 @@ Reads, per experiment, ``<run_root>/<exp>/eval/{nll_lsgm,nll_vae,fid}.json`` and
   provenance tag, ours (± standard error), the difference, a status (``measured``, ``not run``,
   ``not measured``, ``no experiment``) and the protocol columns (samples/images, ODE tol and eps, checkpoint, EMA,
   commit, params hash, data manifest hash, command to reproduce);
-* ``claims.md``: the small-scale claims — NLL of the VAE alone vs LSGM (nats, standard errors, paired difference)
+* a "Small-scale checks" section of ``results.md``: NLL of the VAE alone vs LSGM (nats, standard errors, paired
+  difference, the SGM prior's own share); the paper's claims C1-C6 are ``lsgm claims`` (lsgm/claims.py)
   and the NFE of latent ODE sampling;
 * ``figures/``: sample grids, training curves from DVCLive logs (``<exp>/<stage>/dvclive/plots/metrics/**.tsv``),
   NFE per batch.
@@ -281,7 +282,7 @@ def _paired_difference(vae: dict[str, Any], lsgm: dict[str, Any]) -> tuple[float
 
 
 def _claims_md(run_root: Path, experiments: Sequence[str]) -> str:
-    lines = ["# Small-scale claims", "",
+    lines = ["## Small-scale checks", "",
              "Claim: LSGM (the VAE trained end to end with a score-based prior on its top latents) has a lower NLL "
              "bound than the stage-1 VAE alone with its Normal prior; latent probability-flow ODE sampling needs "
              "few function evaluations (NFE). The diagnostic row and the decomposition below say how much of the "
@@ -499,7 +500,7 @@ def _check_experiments(experiments: Sequence[str]) -> list[str]:
 
 
 def write_report(*, run_root: Path, out_dir: Path, experiments: Optional[list[str]] = None) -> dict[str, Path]:
-    """Write ``results.{md,csv}``, ``claims.md`` and ``figures/`` into ``out_dir``.
+    """Write ``results.{md,csv}`` (with the small-scale checks) and ``figures/`` into ``out_dir``.
 
     Args:
         run_root: runs root (``data/runs``).
@@ -508,7 +509,7 @@ def write_report(*, run_root: Path, out_dir: Path, experiments: Optional[list[st
             experiments are always included, as "not run" when absent).
 
     Returns:
-        Paths written, keyed ``results_md``, ``results_csv``, ``claims_md``, ``figures``.
+        Paths written, keyed ``results_md``, ``results_csv``, ``figures``.
     """
     run_root, out_dir = Path(run_root), Path(out_dir)
     names = _check_experiments(experiments) if experiments else _default_experiments(run_root)
@@ -518,10 +519,9 @@ def write_report(*, run_root: Path, out_dir: Path, experiments: Optional[list[st
         figures = _figures(run_root, list(dict.fromkeys(names + [r.experiment for r in rows])), tmp_figs)
         figures = [fig_dir / f.relative_to(tmp_figs) for f in figures]
     paths = {"results_md": out_dir / "results.md", "results_csv": out_dir / "results.csv",
-             "claims_md": out_dir / "claims.md", "figures": fig_dir}
+             "figures": fig_dir}
     atomic_write_text(paths["results_csv"], _csv_text(rows))
-    atomic_write_text(paths["results_md"], _results_md(rows, figures, out_dir))
-    atomic_write_text(paths["claims_md"], _claims_md(run_root, names))
+    atomic_write_text(paths["results_md"], _results_md(rows, figures, out_dir) + "\n" + _claims_md(run_root, names))
     measured = sum(r.status == "measured" for r in rows)
     print(f"report: {len(rows)} rows ({measured} measured) -> {out_dir}")
     return paths

@@ -19,20 +19,44 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PREPARED_ROOT", "RESERVED_STAGE_NAMES", "RUNS_ROOT", "VAE_STAGE", "RunLayout", "fid_reference_tag",
-           "fid_stats_file", "prepared_dir"]
+__all__ = ["CLASSIFIERS_ROOT", "DATA_SGM_STAGE", "PREPARED_ROOT", "RESERVED_STAGE_NAMES", "RUNS_ROOT", "VAE_STAGE",
+           "ClassifierFiles", "RunLayout", "fid_reference_tag", "fid_stats_file", "prepared_dir"]
 
 RUNS_ROOT = Path("data/runs")
 PREPARED_ROOT = Path("data/prepared")
 VAE_STAGE = "vae"
+DATA_SGM_STAGE = "data_sgm"  # the data-space score model's training stage (its run directory)
 _SAMPLE, _EVAL = "sample", "eval"
 #: names a prior stage may not take: they are folders of the run directory (or of a stage directory)
-RESERVED_STAGE_NAMES = (VAE_STAGE, _SAMPLE, _EVAL, "checkpoints", "dvclive")
+RESERVED_STAGE_NAMES = (VAE_STAGE, _SAMPLE, _EVAL, "samples", "checkpoints", "dvclive", "data_sgm")
 
 
 def prepared_dir(dataset: str, root: str | os.PathLike = PREPARED_ROOT) -> Path:
     """``<root>/<dataset>``: the prepared dataset folder (``lsgm prepare``)."""
     return Path(root) / dataset
+
+
+CLASSIFIERS_ROOT = Path("data/classifiers")
+
+
+@dataclass(frozen=True)
+class ClassifierFiles:
+    """The feature classifier of a dataset (lsgm/classifier.py): ``<root>/<dataset>/{model.pt,metrics.json}``."""
+
+    dataset: str
+    root: Path = CLASSIFIERS_ROOT
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.dataset
+
+    @property
+    def model(self) -> Path:
+        return self.dir / "model.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.json"
 
 
 def fid_reference_tag(fid_reference: str) -> str:
@@ -113,10 +137,28 @@ class RunLayout:
     def sample_stats(self) -> Path:
         return self.sample_dir / "sample_stats.json"
 
+    # ---- extra sampling runs (config sample_runs: another model, sampler or tolerance)
+    def run_dir(self, tag: str) -> Path:
+        """``samples/<tag>/`` of a sampling run; the default run (empty tag) is ``sample/``."""
+        return self.sample_dir if not tag else self.base / "samples" / tag
+
+    def run_samples(self, tag: str) -> Path:
+        return self.run_dir(tag) / "samples.npz"
+
+    def run_grid(self, tag: str) -> Path:
+        return self.run_dir(tag) / "grid.png"
+
+    def run_stats(self, tag: str) -> Path:
+        return self.run_dir(tag) / "sample_stats.json"
+
     # ---- evaluation
     @property
     def eval_dir(self) -> Path:
         return self.base / _EVAL
+
+    def fd(self, tag: str) -> Path:
+        """``eval/fd_<tag>.json``: FD / KID in classifier features of a sampling run (``default`` for ``sample/``)."""
+        return self.eval_dir / f"fd_{tag or 'default'}.json"
 
     def nll(self, model: str) -> Path:
         """``eval/nll_<model>.json`` (model ``lsgm`` or ``vae``)."""

@@ -101,15 +101,18 @@ class MixedScore(nn.Module):
         sde: forward SDE giving ``σ_t²`` (docs/algorithm.md §2).
         num_channels: number of latent channels C.
         mixing_logit_init: initial ℓ (−3 CIFAR-10, −6 MNIST/OMNIGLOT/CelebA; docs/algorithm.md §3.2).
+        mixed: False: no mixing, ``forward = backbone(z_t ⊙ mask, t)`` (ℓ is kept but unused).
     """
 
-    def __init__(self, backbone: nn.Module, sde: SDE, num_channels: int, mixing_logit_init: float = -3.0):
+    def __init__(self, backbone: nn.Module, sde: SDE, num_channels: int, mixing_logit_init: float = -3.0,
+                 mixed: bool = True):
         super().__init__()
         if int(num_channels) < 1:
             raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
         self.backbone = backbone
         self.sde = sde
         self.num_channels = int(num_channels)
+        self.mixed = bool(mixed)
         self.mixing_logit = nn.Parameter(torch.full((1, self.num_channels, 1, 1), float(mixing_logit_init)))
         self.register_buffer("inactive_mask", torch.ones(1, self.num_channels, 1, 1), persistent=True)
 
@@ -125,9 +128,10 @@ class MixedScore(nn.Module):
         """
         if z_t.shape[1] != self.num_channels:
             raise ValueError(f"z_t has {z_t.shape[1]} channels, expected num_channels={self.num_channels}")
-        var_t = self.sde.var(t)
         net_out = self.backbone(z_t * self.inactive_mask.to(z_t.dtype), t)
-        return mixed_eps_prediction(z_t, var_t, net_out, self.mixing_logit)
+        if not self.mixed:  # the network predicts ε alone (the paper's ablation of Sec. 5.2; data-space models)
+            return net_out
+        return mixed_eps_prediction(z_t, self.sde.var(t), net_out, self.mixing_logit)
 
     def score(self, z_t: Tensor, t: Tensor) -> Tensor:
         """Score ``∇ log p_t(z_t) = −ε_pred/σ_t`` (docs/algorithm.md §3.1).

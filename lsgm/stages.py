@@ -26,12 +26,17 @@ STAGE_INFO: tuple[StageInfo, ...] = (
     StageInfo("resolve_config", False, "write the merged, validated config to params/resolved/EXP.yaml"),
     StageInfo("prepare", False, "download (if needed), verify and convert a dataset"),
     StageInfo("fid_stats", True, "Inception reference statistics of the FID reference split"),
+    StageInfo("train_classifier", False, "the dataset's feature classifier (FD / KID in its features)"),
     StageInfo("train_vae", True, "stage 1: the VAE with a Normal prior"),
     StageInfo("train_lsgm", True, "stage 2 (and later): VAE + SGM prior"),
-    StageInfo("sample", True, "probability-flow ODE samples"),
+    StageInfo("train_data_sgm", True, "the data-space score model (baseline)"),
+    StageInfo("sample", True, "probability-flow ODE samples of the final prior stage"),
+    StageInfo("sample_run", True, "samples of another model, sampler or ODE tolerance"),
     StageInfo("eval_nll", True, "NLL bound on the evaluation split"),
     StageInfo("eval_fid", True, "FID / IS / KID of the samples"),
-    StageInfo("report", False, "reports/: results, claims, figures"),
+    StageInfo("eval_fd", False, "FD / KID in dataset-classifier features of a sampling run"),
+    StageInfo("report", False, "reports/: results and figures"),
+    StageInfo("claims", False, "reports/claims.json and claims.md: the paper's claims at small scale"),
 )
 STAGES: tuple[str, ...] = tuple(s.name for s in STAGE_INFO)
 LAUNCHABLE: tuple[str, ...] = tuple(s.name for s in STAGE_INFO if s.launchable)

@@ -13,11 +13,7 @@ How a stage runs (checkpoints, resume, signals, NaN guard, data parallelism, sch
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,21 +23,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lsgm.atomic import atomic_write_json
-from lsgm.config import ExperimentConfig, PriorStageConfig, TrainLSGMConfig
+from lsgm.config import ExperimentConfig, PriorStageConfig
 from lsgm.data.loader import BatchIterator, to_model_input
 from lsgm.ema import EMA
 from lsgm.config import config_hash
-from lsgm.engine import (StageStart, TrainLoop, cosine_lr, host_floats, make_adam, prepare_batchnorm, start_stage,
-                         step_time_stats)
-from lsgm.errors import LsgmError
-from lsgm.models import build_prior, build_vae, read_model_file, save_model
+from lsgm.engine import (StageStart, TrainLoop, add_reg, cosine_lr, finish_stage, host_floats, make_adam,
+                         prepare_batchnorm, prepare_rerun, start_stage)
+from lsgm.models import build_data_sgm, build_prior, build_vae, read_model_file
 from lsgm.objectives import LSGMObjective
 from lsgm.provenance import sha256_file
-from lsgm.runs import PREPARED_ROOT, RUNS_ROOT, VAE_STAGE, RunLayout
+from lsgm.runs import DATA_SGM_STAGE, PREPARED_ROOT, RUNS_ROOT, VAE_STAGE, RunLayout
 from lsgm.vae.regularization import SpectralRegularizer, bn_loss, kl_balancer, kl_coeff
 
-__all__ = ["train_lsgm", "train_vae"]
+__all__ = ["train_data_sgm", "train_lsgm", "train_vae"]
 
 log = logging.getLogger("lsgm.train")
 
@@ -49,70 +43,6 @@ log = logging.getLogger("lsgm.train")
 # --------------------------------------------------------------------------------------------- shared
 def _unwrap(m: nn.Module) -> nn.Module:
     return getattr(m, "module", m)
-
-
-def _finish_stage(cfg: ExperimentConfig, stage: str, start: StageStart, loop: TrainLoop, last: dict[str, float],
-                  **modules: Any) -> Path:
-    """Rank 0 writes ``model.pt`` (with the run's config hash) and ``metrics.json``; every rank leaves the group.
-
-    ``last`` and the step times come from the loop's state, which checkpoints carry: a rerun after a kill between
-    the last checkpoint and ``model.pt`` writes the same summary as the uninterrupted run."""
-    path = start.layout.model(stage)
-    if start.ctx.is_main:
-        save_model(path, cfg=cfg, stage=stage, step=loop.step, epoch=loop.step // start.plan.iters_per_epoch,
-                   run_hash=loop.config_hash, **modules)
-        summary = {
-            "experiment": cfg.name, "stage": stage, "steps": loop.step, "total_steps": loop.total_steps,
-            "global_batch": start.plan.global_batch, "per_process_batch": start.plan.micro_batch,
-            "processes": start.ctx.world_size, "accumulation": start.plan.accumulation,
-            "nan_failures": loop.nan_failures, "lr_factor": loop.lr_factor, "precision": cfg.engine.precision,
-            "device": start.ctx.device.type, "run_hash": loop.config_hash,
-            "final": {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)},
-            "step_seconds": step_time_stats(loop.step_seconds), **loop.seconds(),
-        }
-        atomic_write_json(start.layout.metrics(stage), summary, sort_keys=True)
-    start.ctx.close()
-    return path
-
-
-def _already_finished(layout: RunLayout, stage: str, run_hash: str, end: int) -> bool:
-    """True if ``stage`` already wrote its outputs for this very config (same run hash) up to step ``end``: a
-    finished stage is idempotent, a rerun keeps its ``model.pt`` and ``metrics.json`` (``retrain`` trains again)."""
-    try:
-        payload = read_model_file(layout.model(stage))
-        metrics = json.loads(layout.metrics(stage).read_text())
-    except (OSError, ValueError, LsgmError):
-        return False
-    done = payload.get("run_hash") == run_hash and int(payload.get("step", -1)) >= end and bool(metrics.get("final"))
-    if done:
-        log.info("%s is complete (step %d, same config): nothing to do; pass --retrain to train this stage again",
-                 layout.model(stage), payload["step"])
-    return done
-
-
-def _prepare_rerun(layout: RunLayout, stage: str, run_hash: str, retrain: bool, end: int) -> bool:
-    """Before a stage starts: True if it is already finished (and not ``retrain``). With ``retrain`` the old
-    checkpoints are moved aside and the old outputs removed, so an interrupted retrain resumes without the flag."""
-    if not retrain:
-        return _already_finished(layout, stage, run_hash, end)
-    if int(os.environ.get("RANK", "0")) == 0:
-        ckpts = layout.checkpoints(stage)
-        if ckpts.is_dir():
-            stale = layout.stale_checkpoints(stage, "retrain")
-            shutil.rmtree(stale, ignore_errors=True)
-            ckpts.rename(stale)
-            log.warning("--retrain: moved %s to %s", ckpts, stale)
-        for path in (layout.model(stage), layout.metrics(stage)):
-            path.unlink(missing_ok=True)
-    return False
-
-
-def _add_reg(loop: TrainLoop, reg: Optional[torch.Tensor], params: list[nn.Parameter], m: dict, name: str) -> None:
-    """Back-propagate a regulariser once per optimiser step (not per micro-batch), into ``params`` only."""
-    if reg is None:
-        return
-    loop.backward(reg, inputs=params)
-    m[name] = reg.detach()
 
 
 # --------------------------------------------------------------------------------------------- stage 1
@@ -180,7 +110,7 @@ def train_vae(cfg: ExperimentConfig, run_root: Path = RUNS_ROOT, data_root: Path
     ctx = start.ctx
     hash_sections = (cfg.data, cfg.vae, tc)
     end = start.total if max_steps is None else min(start.total, max_steps)
-    if _prepare_rerun(start.layout, VAE_STAGE, config_hash(hash_sections), retrain, end):
+    if prepare_rerun(start.layout, VAE_STAGE, config_hash(hash_sections), retrain, end):
         ctx.close()
         return start.layout.model(VAE_STAGE)
     torch.manual_seed(tc.seed)
@@ -199,47 +129,42 @@ def train_vae(cfg: ExperimentConfig, run_root: Path = RUNS_ROOT, data_root: Path
     order = BatchIterator(len(start.split), start.plan.global_batch, shuffle=True, drop_last=True, seed=tc.seed)
     s = _Stage1(cfg, start, loop, order, vae, params, reg, list(vae.groups_per_scale))
     last = loop.run(lambda step: _vae_step(s, step), max_steps=max_steps)
-    return _finish_stage(cfg, VAE_STAGE, start, loop, last, vae=_unwrap(vae), prior=None, prior_ema=None)
+    return finish_stage(cfg, VAE_STAGE, start, loop, last, vae=_unwrap(vae), prior=None, prior_ema=None)
 
 
 # --------------------------------------------------------------------------------------------- stage 2
 @dataclass
 class _Stage2:
-    """Everything a stage-2 step reads (one prior stage of one experiment)."""
+    """Everything a stage-2 step reads (one prior stage of one experiment, or the data-space score model, which has
+    no VAE: ``sc`` None, ``vae`` None)."""
 
     cfg: ExperimentConfig
-    sc: PriorStageConfig
+    sc: Optional[PriorStageConfig]
+    tc: Any  # TrainLSGMConfig, or TrainSGMConfig for the data-space model
     start: StageStart
     loop: TrainLoop
     order: BatchIterator
-    vae: nn.Module
-    prior: nn.Module
-    eps_fn: Callable
-    objective: LSGMObjective
-    ema: EMA
+    vae: Optional[nn.Module]
+    prior: Optional[nn.Module]  # None: N(0, I) prior (prior_kind "normal")
+    eps_fn: Optional[Callable]
+    objective: Optional[LSGMObjective]
+    ema: Optional[EMA]
     vae_params: list[nn.Parameter]
     prior_params: list[nn.Parameter]
-    reg_vae: Optional[SpectralRegularizer]
-    reg_prior: Optional[SpectralRegularizer]
-
-    @property
-    def tc(self) -> TrainLSGMConfig:
-        return self.sc.train
+    reg_vae: Optional[tuple[float, SpectralRegularizer]]  # (λ, regulariser) where λ > 0
+    reg_prior: Optional[tuple[float, SpectralRegularizer]]
 
     def beta(self, step: int) -> float:
         """KL coefficient: continued annealing (``cont_kl_anneal``, docs/algorithm.md §4.7) or 1."""
         tc = self.tc
-        if not tc.cont_kl_anneal:
+        if not getattr(tc, "cont_kl_anneal", False):
             return 1.0
         return kl_coeff(step, self.start.total, tc.kl_anneal_portion, 0.0, tc.kl_const_coeff, tc.kl_max_coeff)
 
     def reg(self, which: str) -> Optional[torch.Tensor]:
         """λ (Σ σ_max + Σ max|γ|) of the VAE or the SGM, None where its λ is 0."""
-        if which == "vae":
-            reg, coeff, module = self.reg_vae, self.tc.weight_decay_norm_vae, self.vae
-        else:
-            reg, coeff, module = self.reg_prior, self.tc.weight_decay_norm_score, self.prior
-        return None if reg is None else coeff * (reg.loss() + bn_loss(module))
+        reg, module = (self.reg_vae, self.vae) if which == "vae" else (self.reg_prior, self.prior)
+        return None if reg is None else reg[0] * (reg[1].loss() + bn_loss(module))
 
     def vae_terms(self, x: torch.Tensor):
         """Encoder sample, ``recon = −log p(x|z)``, ``Σ log q`` of the top groups and the other groups' KL."""
@@ -283,8 +208,8 @@ def _joint_step(s: _Stage2, step: int) -> dict[str, Any]:
         m["loss"] += q_loss.detach()
         m["p_loss"] += p_loss.detach()
         _nelbo_metrics(m, recon, log_q_top, ce, kl_rest, acc)
-    _add_reg(loop, s.reg("vae"), s.vae_params, m, "reg_vae")
-    _add_reg(loop, s.reg("prior"), s.prior_params, m, "reg_prior")
+    add_reg(loop, s.reg("vae"), s.vae_params, m, "reg_vae")
+    add_reg(loop, s.reg("prior"), s.prior_params, m, "reg_prior")
     m["grad_norm_vae"] = loop.optimizer_step("vae", s.vae_params, tc.grad_clip)
     m["grad_norm_prior"] = loop.optimizer_step("prior", s.prior_params, tc.grad_clip)
     return _end_step(s, m, beta)
@@ -312,7 +237,7 @@ def _disjoint_step(s: _Stage2, step: int) -> dict[str, Any]:
             latents.append(out.z0_top.detach())
             m["loss"] += q_loss.detach()
             _nelbo_metrics(m, recon, log_q_top, ce, kl_rest, acc)
-    _add_reg(loop, s.reg("vae"), s.vae_params, m, "reg_vae")
+    add_reg(loop, s.reg("vae"), s.vae_params, m, "reg_vae")
     m["grad_norm_vae"] = loop.optimizer_step("vae", s.vae_params, tc.grad_clip)
     _sgm_step(s, step, micro, latents, m)
     return _end_step(s, m, beta)
@@ -345,26 +270,68 @@ def _sgm_step(s: _Stage2, step: int, micro: list, latents: list[torch.Tensor], m
             p_loss = s.objective.p_only(s.eps_fn, z0.float(), loop.generators["noise"]).float().mean() / acc
         loop.backward(p_loss, inputs=s.prior_params)
         m["p_loss"] += p_loss.detach()
-    _add_reg(loop, s.reg("prior"), s.prior_params, m, "reg_prior")
+    add_reg(loop, s.reg("prior"), s.prior_params, m, "reg_prior")
     m["grad_norm_prior"] = loop.optimizer_step("prior", s.prior_params, s.tc.grad_clip)
+
+
+def _normal_prior_step(s: _Stage2, step: int) -> dict[str, Any]:
+    """The VAE trained further with its N(0, I) prior (``prior_kind: normal``): the joint step's q loss with the SGM's
+    cross-entropy replaced by the exact ``−log N(z0; 0, I)`` (so ``log q + CE`` is each group's KL)."""
+    loop, plan = s.loop, s.start.plan
+    beta = s.beta(step)
+    m: dict[str, Any] = {"loss": 0.0, "nelbo_nats": 0.0, "recon_nats": 0.0, "kl_nats": 0.0}
+    acc = plan.accumulation
+    s.vae.train()
+    for gidx, idx in plan.micro_batches(s.order, step, s.start.ctx.rank):
+        x = loop.micro_batch(s.start.split, idx, step, gidx)
+        with loop.autocast():
+            out = s.vae(x, generator=loop.generators["noise"])
+            recon = -s.vae.decoder_log_prob(out.decoder_params.float(), x)
+        kl = sum(k.float() for k in out.kl_per_group)
+        q_loss = (recon + beta * kl).mean() / acc
+        loop.backward(q_loss)
+        m["loss"] += q_loss.detach()
+        m["nelbo_nats"] += (recon + kl).detach().mean() / acc
+        m["recon_nats"] += recon.detach().mean() / acc
+        m["kl_nats"] += kl.detach().mean() / acc
+    add_reg(loop, s.reg("vae"), s.vae_params, m, "reg_vae")
+    m["grad_norm_vae"] = loop.optimizer_step("vae", s.vae_params, s.tc.grad_clip)
+    return _end_step(s, m, beta)
+
+
+def _data_sgm_step(s: _Stage2, step: int) -> dict[str, Any]:
+    """The data-space score model: the SGM objective on uniformly dequantised images (the latent prior's own SGM
+    step, with images in place of latents)."""
+    micro = s.start.plan.micro_batches(s.order, step, s.start.ctx.rank)
+    s.prior.train()
+    images = [s.loop.micro_batch(s.start.split, idx, step, gidx, dequantize=True) for gidx, idx in micro]
+    m: dict[str, Any] = {"p_loss": 0.0}
+    _sgm_step(s, step, micro, images, m)
+    return _end_step(s, m, 1.0)
 
 
 def _end_step(s: _Stage2, m: dict[str, Any], beta: float) -> dict[str, float]:
     """Clear gradients, fold the SGM into its EMA, add the mixing-α statistics; one device-to-host copy."""
     for opt in s.loop.optimizers.values():
         opt.zero_grad(set_to_none=True)
-    s.ema.update(s.prior)
-    alpha = torch.sigmoid(s.prior.mixing_logit.detach().float())
-    m.update({"kl_coeff": beta, "mixing_alpha_mean": alpha.mean(), "mixing_alpha_min": alpha.min(),
-              "mixing_alpha_max": alpha.max()})
+    m["kl_coeff"] = beta
+    if s.prior is not None:
+        s.ema.update(s.prior)
+        if s.prior.mixed:
+            alpha = torch.sigmoid(s.prior.mixing_logit.detach().float())
+            m.update({"mixing_alpha_mean": alpha.mean(), "mixing_alpha_min": alpha.min(),
+                      "mixing_alpha_max": alpha.max()})
     return host_floats(m)
 
 
 _STEP_FNS: dict[str, Callable[[_Stage2, int], dict[str, float]]] = {
-    "joint": _joint_step, "disjoint": _disjoint_step, "frozen VAE": _frozen_vae_step}
+    "joint": _joint_step, "disjoint": _disjoint_step, "frozen VAE": _frozen_vae_step,
+    "VAE with its Normal prior": _normal_prior_step, "data space": _data_sgm_step}
 
 
 def _training_mode(sc: PriorStageConfig) -> str:
+    if sc.prior_kind == "normal":
+        return "VAE with its Normal prior"
     return "disjoint" if sc.train.disjoint else ("joint" if sc.train_vae else "frozen VAE")
 
 
@@ -406,6 +373,15 @@ def _stage2_hash_sections(cfg: ExperimentConfig, stage: str, layout: RunLayout) 
     return (cfg.data, cfg.vae, cfg.prior[stage], sha256_file(init))
 
 
+def _optimiser(params: list[nn.Parameter], tc: Any, *, lr: float, lr_min: float, eps: float, ipe: int, fused: bool
+               ) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
+    """Adam (weight decay as ``tc.weight_decay_mode``) and its warm-up + cosine schedule."""
+    opt = make_adam(params, lr=lr, eps=eps, weight_decay=tc.weight_decay, weight_decay_mode=tc.weight_decay_mode,
+                    fused=fused)
+    return opt, cosine_lr(base=lr, minimum=lr_min, warmup_epochs=tc.warmup_epochs, epochs=tc.epochs,
+                          iters_per_epoch=ipe)
+
+
 def _build_stage2(cfg: ExperimentConfig, stage: str, start: StageStart) -> _Stage2:
     """Models (the VAE from ``init_from``'s model.pt, the SGM fresh or loaded), objective, optimisers, loop."""
     sc, ctx = cfg.prior[stage], start.ctx
@@ -416,47 +392,52 @@ def _build_stage2(cfg: ExperimentConfig, stage: str, start: StageStart) -> _Stag
     vae = build_vae(cfg)
     vae.load_state_dict(init["vae"])
     vae = prepare_batchnorm(vae, ctx).to(ctx.device)
-    prior = build_prior(cfg, stage)
-    if sc.load_prior:
-        prior.load_state_dict(init["prior_ema"] or init["prior"])
-    prior = prior.to(ctx.device)
-    if cfg.engine.compile:  # in place: parameter names (and so checkpoints) are unchanged
-        prior.backbone.compile()
-    eps_fn: Callable = prior
+    prior = eps_fn = objective = ema = None
+    if sc.prior_kind == "sgm":
+        prior = build_prior(cfg, stage)
+        if sc.load_prior:
+            prior.load_state_dict(init["prior_ema"] or init["prior"])
+        prior = prior.to(ctx.device)
+        if cfg.engine.compile:  # in place: parameter names (and so checkpoints) are unchanged
+            prior.backbone.compile()
+        eps_fn = prior
+        objective = LSGMObjective(prior.sde, tc.iw_sample_p, tc.iw_sample_q, sc.sde.time_eps, compat=tc.compat)
+        ema = EMA(tc.ema_decay)
     if cfg.engine.channels_last:  # NHWC kernels for the VAE only (measured: they slow NCSN++ down on CPU)
         vae = vae.to(memory_format=torch.channels_last)
-        eps_fn = lambda z, t: prior(z.contiguous(), t)  # noqa: E731
-    objective = LSGMObjective(prior.sde, tc.iw_sample_p, tc.iw_sample_q, sc.sde.time_eps, compat=tc.compat)
+        if prior is not None:
+            eps_fn = lambda z, t: prior(z.contiguous(), t)  # noqa: E731
     vae_params = [p for p in vae.parameters() if p.requires_grad]
-    prior_params = [p for p in prior.parameters() if p.requires_grad]
+    prior_params = [p for p in prior.parameters() if p.requires_grad] if prior is not None else []
     ipe, fused = start.plan.iters_per_epoch, cfg.engine.fused_optimizer
-    optimizers: dict[str, torch.optim.Optimizer] = {
-        "prior": make_adam(prior_params, lr=tc.learning_rate_score, eps=tc.score_adam_eps,
-                           weight_decay=tc.weight_decay, weight_decay_mode=tc.weight_decay_mode, fused=fused)}
-    lr_fns = {"prior": cosine_lr(base=tc.learning_rate_score, minimum=tc.learning_rate_score_min,
-                                 warmup_epochs=tc.warmup_epochs, epochs=tc.epochs, iters_per_epoch=ipe)}
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    lr_fns: dict[str, Callable[[int], float]] = {}
+    if prior is not None:
+        optimizers["prior"], lr_fns["prior"] = _optimiser(prior_params, tc, lr=tc.learning_rate_score,
+                                                          lr_min=tc.learning_rate_score_min, eps=tc.score_adam_eps,
+                                                          ipe=ipe, fused=fused)
     if sc.train_vae:
-        optimizers["vae"] = make_adam(vae_params, lr=tc.learning_rate_vae, eps=tc.vae_adam_eps,
-                                      weight_decay=tc.weight_decay, weight_decay_mode=tc.weight_decay_mode,
-                                      fused=fused)
-        lr_fns["vae"] = cosine_lr(base=tc.learning_rate_vae, minimum=tc.learning_rate_vae_min,
-                                  warmup_epochs=tc.warmup_epochs, epochs=tc.epochs, iters_per_epoch=ipe)
+        optimizers["vae"], lr_fns["vae"] = _optimiser(vae_params, tc, lr=tc.learning_rate_vae,
+                                                      lr_min=tc.learning_rate_vae_min, eps=tc.vae_adam_eps,
+                                                      ipe=ipe, fused=fused)
     else:
         vae.requires_grad_(False)
     gen_init = torch.Generator().manual_seed(tc.seed)
     extra: dict[str, Any] = {}
     reg_vae = reg_prior = None
     if sc.train_vae and tc.weight_decay_norm_vae > 0:
-        reg_vae = extra["spectral_vae"] = SpectralRegularizer(vae, generator=gen_init).to(ctx.device)
-    if tc.weight_decay_norm_score > 0:
-        reg_prior = extra["spectral_prior"] = SpectralRegularizer(
+        extra["spectral_vae"] = SpectralRegularizer(vae, generator=gen_init).to(ctx.device)
+        reg_vae = (tc.weight_decay_norm_vae, extra["spectral_vae"])
+    if prior is not None and tc.weight_decay_norm_score > 0:
+        extra["spectral_prior"] = SpectralRegularizer(
             prior, include_plain_conv2d=tc.spectral_reg_score_convs, generator=gen_init).to(ctx.device)
-    ema = EMA(tc.ema_decay)
-    loop = TrainLoop(cfg=cfg, stage=stage, layout=start.layout, ctx=ctx, modules={"vae": vae, "prior": prior},
-                     optimizers=optimizers, lr_fns=lr_fns, total_steps=start.total, ema=ema, extra_state=extra,
-                     seed=tc.seed, hash_sections=_stage2_hash_sections(cfg, stage, start.layout))
+        reg_prior = (tc.weight_decay_norm_score, extra["spectral_prior"])
+    modules = {"vae": vae, **({"prior": prior} if prior is not None else {})}
+    loop = TrainLoop(cfg=cfg, stage=stage, layout=start.layout, ctx=ctx, modules=modules, optimizers=optimizers,
+                     lr_fns=lr_fns, total_steps=start.total, ema=ema, extra_state=extra, seed=tc.seed,
+                     hash_sections=_stage2_hash_sections(cfg, stage, start.layout))
     order = BatchIterator(len(start.split), start.plan.global_batch, shuffle=True, drop_last=True, seed=tc.seed)
-    return _Stage2(cfg, sc, start, loop, order, vae, prior, eps_fn, objective, ema, vae_params, prior_params,
+    return _Stage2(cfg, sc, tc, start, loop, order, vae, prior, eps_fn, objective, ema, vae_params, prior_params,
                    reg_vae, reg_prior)
 
 
@@ -475,16 +456,55 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = RUNS_ROOT, da
                         f" ({mode}, p={tc.iw_sample_p}, q={tc.iw_sample_q})")
     end = start.total if max_steps is None else min(start.total, max_steps)
     run_hash = config_hash(_stage2_hash_sections(cfg, stage, start.layout))
-    if _prepare_rerun(start.layout, stage, run_hash, retrain, end):
+    if prepare_rerun(start.layout, stage, run_hash, retrain, end):
         start.ctx.close()
         return start.layout.model(stage)
     s = _build_stage2(cfg, stage, start)
 
     def on_start() -> None:
-        if tc.drop_inactive_var:
+        if tc.drop_inactive_var and s.prior is not None:
             s.prior.set_inactive_channels(_inactive_channels(s, s.loop.generators["data"]))
 
     step_fn = _STEP_FNS[mode]
     last = s.loop.run(lambda step: step_fn(s, step), max_steps=max_steps, on_start=on_start)
-    return _finish_stage(cfg, stage, start, s.loop, last, vae=_unwrap(s.vae), prior=s.prior,
-                         prior_ema=s.ema.averaged_state(s.prior))
+    return finish_stage(cfg, stage, start, s.loop, last, vae=_unwrap(s.vae), prior=s.prior,
+                        prior_ema=s.ema.averaged_state(s.prior) if s.ema is not None else None)
+
+
+def train_data_sgm(cfg: ExperimentConfig, run_root: Path = RUNS_ROOT, data_root: Path = PREPARED_ROOT,
+                   max_steps: Optional[int] = None, retrain: bool = False) -> Path:
+    """The data-space score model (the paper's comparison class: NCSN++ + VPSDE on pixels, Song et al. 2021): the
+    SGM objective of docs/algorithm.md §4.4 on uniformly dequantised images in [−1, 1], with the same engine, SDE,
+    t-sampling and network code as the latent prior. Writes ``<run_root>/<exp>/data_sgm/model.pt``."""
+    if cfg.data_sgm is None:
+        raise ValueError(f"{cfg.name}: no data_sgm section; add one to train a data-space score model")
+    dc = cfg.data_sgm
+    tc = dc.train
+    start = start_stage(cfg, DATA_SGM_STAGE, tc, run_root, data_root, "data_sgm.train",
+                        f" (data space, p={tc.iw_sample_p})")
+    ctx, hash_sections = start.ctx, (cfg.data, dc)
+    end = start.total if max_steps is None else min(start.total, max_steps)
+    if prepare_rerun(start.layout, DATA_SGM_STAGE, config_hash(hash_sections), retrain, end):
+        ctx.close()
+        return start.layout.model(DATA_SGM_STAGE)
+    torch.manual_seed(tc.seed)
+    prior = build_data_sgm(cfg).to(ctx.device)
+    params = [p for p in prior.parameters() if p.requires_grad]
+    opt, lr_fn = _optimiser(params, tc, lr=tc.learning_rate, lr_min=tc.learning_rate_min, eps=tc.adam_eps,
+                            ipe=start.plan.iters_per_epoch, fused=cfg.engine.fused_optimizer)
+    extra: dict[str, Any] = {}
+    reg = None
+    if tc.weight_decay_norm > 0:
+        extra["spectral_prior"] = SpectralRegularizer(prior, include_plain_conv2d=True,
+                                                      generator=torch.Generator().manual_seed(tc.seed))
+        reg = (tc.weight_decay_norm, extra["spectral_prior"].to(ctx.device))
+    ema = EMA(tc.ema_decay)
+    loop = TrainLoop(cfg=cfg, stage=DATA_SGM_STAGE, layout=start.layout, ctx=ctx, modules={"prior": prior},
+                     optimizers={"prior": opt}, lr_fns={"prior": lr_fn}, total_steps=start.total, ema=ema,
+                     extra_state=extra, seed=tc.seed, hash_sections=hash_sections)
+    order = BatchIterator(len(start.split), start.plan.global_batch, shuffle=True, drop_last=True, seed=tc.seed)
+    objective = LSGMObjective(prior.sde, tc.iw_sample_p, "reweight_p_samples", dc.sde.time_eps, compat=tc.compat)
+    s = _Stage2(cfg, None, tc, start, loop, order, None, prior, prior, objective, ema, [], params, None, reg)
+    last = loop.run(lambda step: _data_sgm_step(s, step), max_steps=max_steps)
+    return finish_stage(cfg, DATA_SGM_STAGE, start, loop, last, vae=None, prior=prior,
+                        prior_ema=ema.averaged_state(prior))

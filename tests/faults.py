@@ -46,8 +46,8 @@ def install(kill_after_step: int | None = None, poison: tuple[int, int] | None =
         at, times = poison
         micro_batch = engine.TrainLoop.micro_batch
 
-        def poisoned_micro_batch(self, split, idx, step, index):
-            x = micro_batch(self, split, idx, step, index)
+        def poisoned_micro_batch(self, split, idx, step, index, **kwargs):
+            x = micro_batch(self, split, idx, step, index, **kwargs)
             if step == at and self.nan_failures < times:
                 return torch.full_like(x, float("nan"))
             return x

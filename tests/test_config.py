@@ -9,7 +9,7 @@ import pytest
 from lsgm.config import (ConfigError, config_from_dict, config_to_dict, default_experiments, dump_config,
                          list_experiments, load_config, load_experiment, write_resolved_config)
 
-ALL = ["digits", "mnist", "omniglot", "cifar10_balanced", "cifar10_best_fid", "cifar10_best_nll",
+ALL = ["digits", "fashion", "mnist", "omniglot", "cifar10_balanced", "cifar10_best_fid", "cifar10_best_nll",
        "celeba256_quantitative", "celeba256_qualitative"]
 
 

@@ -47,10 +47,16 @@ def _check_manifest(folder: Path, name: str, max_value: int, counts: dict[str, i
     assert manifest["dataset"] == name and manifest["format_version"] == 1
     assert manifest["dtype"] == "uint8" and manifest["max_value"] == max_value
     assert {s: m["count"] for s, m in manifest["splits"].items()} == counts
-    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{s}.npy" for s in counts] + ["manifest.json"])
+    labelled = [s for s, m in manifest["splits"].items() if m.get("labels_file")]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{s}.npy" for s in counts] + ["manifest.json"]
+                                                              + [f"{s}_labels.npy" for s in labelled])
     for split, meta in manifest["splits"].items():
         path = folder / meta["file"]
         assert meta["sha256"] == _sha256(path)
+        if meta.get("labels_file"):  # class labels beside the images (classifier features for FD)
+            labels = np.load(folder / meta["labels_file"])
+            assert meta["labels_sha256"] == _sha256(folder / meta["labels_file"])
+            assert labels.shape == (counts[split],) and labels.max() < meta["num_classes"]
         arr = np.load(path, mmap_mode="r")
         assert isinstance(arr, np.memmap) and arr.dtype == np.uint8
         assert list(arr.shape) == meta["shape"] and arr.shape[0] == counts[split]

@@ -90,7 +90,7 @@ def test_every_stage_list_derives_from_the_one_stage_list():
     sub = next(a for a in build_parser()._actions if a.dest == "verb")
     assert {verb_of(s) for s in STAGES} <= set(sub.choices), "every stage has its `lsgm` verb"
     rules = {m for f in (REPO / "workflow" / "rules").glob("*.smk")
-             for m in re.findall(r"^rule (\w+):", f.read_text(), flags=re.M)}
+             for m in re.findall(r"^\s*rule (\w+):", f.read_text(), flags=re.M)}
     assert rules == set(STAGES), f"Snakemake rules {sorted(rules)} != stages {list(STAGES)}"
 
 

@@ -110,7 +110,7 @@ def test_report_lists_every_paper_number_with_ours_and_protocol(tmp_path):
 def test_claims_compare_vae_and_lsgm_nll_with_paired_standard_error(tmp_path):
     runs = _fixture_runs(tmp_path, [9.0, 10.0, 13.0, 14.0])  # diffs -1, -2, -1, -2: mean -1.5
     write_report(run_root=runs, out_dir=tmp_path / "r", experiments=["digits"])
-    claims = (tmp_path / "r" / "claims.md").read_text()
+    claims = (tmp_path / "r" / "results.md").read_text()
     se = np.std([-1, -2, -1, -2], ddof=1) / 2
     assert f"**Yes: LSGM is lower** than the VAE alone by 1.50 ± {se:.2f} nats (paired over the same test" in claims
     assert "13.00 ± 1.29" in claims and "11.50 ± 1.19" in claims  # VAE and LSGM, nats ± stderr
@@ -118,7 +118,7 @@ def test_claims_compare_vae_and_lsgm_nll_with_paired_standard_error(tmp_path):
 
     runs2 = _fixture_runs(tmp_path / "worse", [11.0, 12.5, 14.0, 17.0])
     write_report(run_root=runs2, out_dir=tmp_path / "r2", experiments=["digits"])
-    claims2 = (tmp_path / "r2" / "claims.md").read_text()
+    claims2 = (tmp_path / "r2" / "results.md").read_text()
     assert "**No: LSGM is not lower**" in claims2 and "+0.62" in claims2
     assert "prior_top" in claims2  # the terms are listed to find out why
 
@@ -137,7 +137,7 @@ def test_claims_split_the_difference_into_joint_training_and_sgm_prior(tmp_path,
                    prior_gain_over_normal_nats=gain, prior_gain_over_normal_nats_stderr=gain_se)
     path.write_text(json.dumps(payload))
     write_report(run_root=runs, out_dir=tmp_path / "r", experiments=["digits"])
-    claims = (tmp_path / "r" / "claims.md").read_text()
+    claims = (tmp_path / "r" / "results.md").read_text()
     assert expect in claims
     joint_part = 11.5 + gain - 13.0
     assert (f"Decomposition of LSGM − VAE (-1.50 nats): {joint_part:+.2f} from the end-to-end trained VAE"

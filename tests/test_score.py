@@ -153,3 +153,25 @@ def test_mixed_score_rejects_bad_input():
         model(torch.zeros(2, 4, 2, 2), torch.ones(2))
     with pytest.raises(ValueError, match="num_channels"):
         MixedScore(SpyBackbone(3), make_sde("vpsde"), num_channels=0)
+
+
+class _TimeConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, z, t):
+        return self.conv(z) + t.view(-1, 1, 1, 1)
+
+
+def test_unmixed_score_is_the_network_alone():
+    """mixed=False (the paper's ablation without the mixed score): the prediction is the backbone's output, whatever
+    the mixing logit."""
+    torch.manual_seed(0)
+    sde = make_sde("vpsde", beta_min=0.1, beta_max=20.0)
+    backbone = _TimeConv()
+    mixed = MixedScore(backbone, sde, 3, -2.0)
+    plain = MixedScore(backbone, sde, 3, -2.0, mixed=False)
+    z, t = torch.randn(4, 3, 2, 2), torch.rand(4)
+    torch.testing.assert_close(plain(z, t), backbone(z, t))
+    assert not torch.allclose(mixed(z, t), backbone(z, t))

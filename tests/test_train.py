@@ -331,3 +331,26 @@ def test_stage2_weight_decay_mode_reaches_both_optimisers(tmp_path, prepared):
         finally:
             TrainLoop.__init__ = real_init
         assert seen[-1] == {"prior": cls, "vae": cls}
+
+
+def test_normal_prior_stage_trains_only_the_vae(tmp_path, prepared):
+    """prior_kind: normal (the baseline "VAE alone for the same total steps"): no SGM in model.pt, the VAE trains with
+    its N(0, I) prior, and its NLL is evaluated with that prior."""
+    from lsgm.evaluate import eval_nll_experiment
+
+    text = tiny_config(tmp_path, vae_epochs=1).read_text().replace("  lsgm:\n", "  lsgm:\n    prior_kind: normal\n")
+    path = tmp_path / "normal.yaml"
+    path.write_text(text)
+    cfg = load_config(path, name="tiny")
+    runs = tmp_path / "runs"
+    vae_model = train_vae(cfg, run_root=runs, data_root=prepared)
+    out = train_lsgm(cfg, "lsgm", run_root=runs, data_root=prepared, max_steps=3)
+    payload = torch.load(out, map_location="cpu", weights_only=True)
+    before = torch.load(vae_model, map_location="cpu", weights_only=True)["vae"]
+    assert payload["prior"] is None and payload["prior_ema"] is None
+    assert any(not torch.equal(before[k], payload["vae"][k]) for k in before if "running" not in k)
+    metrics = json.loads((runs / "tiny" / "lsgm" / "metrics.json").read_text())["final"]
+    assert metrics["nelbo_nats"] == pytest.approx(metrics["recon_nats"] + metrics["kl_nats"], rel=1e-5)
+    assert "p_loss" not in metrics and "mixing_alpha_mean" not in metrics
+    res = eval_nll_experiment(cfg, run_root=runs, data_root=prepared, model="lsgm")
+    assert res["prior"] == "standard Normal (analytic)" and res["nfe_mean"] == 0.0

@@ -35,6 +35,7 @@ class PreparedSplit:
             (pages are read on access; writes never reach the file).
         max_value: the level that means intensity 1 (16 for digits, 255 otherwise).
         manifest: the dataset's ``manifest.json``.
+        labels: (N,) int64 class labels, or None.
     """
 
     name: str
@@ -42,6 +43,7 @@ class PreparedSplit:
     images: torch.Tensor
     max_value: int
     manifest: dict[str, Any]
+    labels: torch.Tensor | None = None  # (N,) class labels where the dataset has them (digits, MNIST, Fashion-MNIST)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -81,7 +83,14 @@ def load_split(prepared_root: str | Path, name: str, split: str) -> PreparedSpli
     if array.dtype != np.uint8 or list(array.shape) != meta["shape"]:
         raise ValueError(f"{folder / meta['file']}: {array.dtype} {array.shape} does not match the manifest "
                          f"(uint8 {meta['shape']}); run `lsgm prepare {name}` again")
-    return PreparedSplit(name, split, torch.from_numpy(array), int(manifest["max_value"]), manifest)
+    labels = None
+    if meta.get("labels_file"):
+        raw_labels = np.load(folder / meta["labels_file"])
+        if raw_labels.shape != (array.shape[0],):
+            raise ValueError(f"{folder / meta['labels_file']}: {raw_labels.shape} labels for {array.shape[0]} images; "
+                             f"run `lsgm prepare {name}` again")
+        labels = torch.from_numpy(raw_labels.astype(np.int64))
+    return PreparedSplit(name, split, torch.from_numpy(array), int(manifest["max_value"]), manifest, labels)
 
 
 def reduce_bits(levels: torch.Tensor, num_x_bits: int) -> torch.Tensor:
@@ -157,8 +166,18 @@ def preprocess(
     return reduce_bits(x, num_x_bits)
 
 
+def dequantize_levels(images_uint8: torch.Tensor, *, max_value: int, flip: bool, generator: torch.Generator
+                      ) -> torch.Tensor:
+    """Uniformly dequantised intensities ``(k + u)/(max_value + 1)`` in [0, 1), ``u ~ U[0, 1)`` per element
+    (random flip first, as :func:`preprocess`)."""
+    x = random_hflip(images_uint8, generator) if flip else images_uint8
+    u = torch.rand(x.shape, generator=generator, device=generator.device).to(x.device)
+    return (x.to(torch.float32) + u) / float(max_value + 1)
+
+
 def to_model_input(split: PreparedSplit, idx: torch.Tensor, data: Any, generator: torch.Generator,
-                   device: torch.device, *, channels_last: bool = False, flip: bool | None = None) -> torch.Tensor:
+                   device: torch.device, *, channels_last: bool = False, flip: bool | None = None,
+                   dequantize: bool = False) -> torch.Tensor:
     """Images ``idx`` of ``split`` as the VAE sees them: :func:`preprocess` (flip, binarisation or bit reduction,
     by the ``data`` config section), then ``x ↦ 2x − 1`` into [−1, 1] (docs/algorithm.md §1.6), on ``device``.
 
@@ -170,9 +189,15 @@ def to_model_input(split: PreparedSplit, idx: torch.Tensor, data: Any, generator
         device: where the model runs.
         channels_last: return NHWC memory format (the VAE's CPU fast path).
         flip: override ``data.flip`` (evaluation never flips).
+        dequantize: uniform dequantisation for a density model on pixels (the data-space score model):
+            ``x = (k + u)/L``, ``u ~ U[0, 1)``, with ``L = max_value + 1`` levels (docs/algorithm.md §7.1).
     """
-    x = preprocess(split.batch(idx), max_value=split.max_value, binarize=data.binarize,
-                   num_x_bits=data.num_x_bits, flip=data.flip if flip is None else flip, generator=generator)
+    if dequantize:
+        x = dequantize_levels(split.batch(idx), max_value=split.max_value, flip=data.flip if flip is None else flip,
+                              generator=generator)
+    else:
+        x = preprocess(split.batch(idx), max_value=split.max_value, binarize=data.binarize,
+                       num_x_bits=data.num_x_bits, flip=data.flip if flip is None else flip, generator=generator)
     x = (2.0 * x - 1.0).to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 

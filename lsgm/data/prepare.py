@@ -45,7 +45,7 @@ from lsgm.errors import LsgmError
 from lsgm.data.formats import RawFormatError
 
 FORMAT_VERSION = 1
-DATASET_NAMES = ("digits", "mnist", "omniglot", "cifar10", "celeba256")
+DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "omniglot", "cifar10", "celeba256")
 #: Datasets dynamically binarised at load time (docs/algorithm.md §8).
 BINARISED_DATASETS = ("digits", "mnist", "omniglot")
 DIGITS_SPLIT = (1257, 270, 270)  # train / valid / test of the 1,797 scikit-learn digits
@@ -70,7 +70,9 @@ class RawFile:
 
     ``md5``/``sha256`` None means no published checksum is known: the file is then verified only
     by its format (the readers in :mod:`lsgm.data.formats`) and its sha256 is recorded in the
-    manifest; a warning is printed.
+    manifest; a warning is printed. ``content_sha256`` (gzip files) is the digest of the decompressed
+    bytes: a re-compressed copy of the same data (e.g. a Linux distribution's package) matches it although its
+    md5 differs from the published one.
     """
 
     filename: str
@@ -78,6 +80,8 @@ class RawFile:
     md5: str | None = None
     sha256: str | None = None
     checksum_source: str = ""
+    content_sha256: str | None = None  # sha256 of the gzip-decompressed bytes (the same for any re-compression)
+    content_source: str = ""
 
 
 _MNIST_MIRRORS = (
@@ -92,6 +96,26 @@ def _mnist(filename: str, md5: str) -> RawFile:
                    checksum_source="MNIST md5 as published by torchvision")
 
 
+_FASHION_URLS = (
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/",
+)
+#: Where Debian's ``dataset-fashion-mnist`` package installs the four files (``dpkg -L dataset-fashion-mnist``).
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _fashion(filename: str, md5: str, content_sha256: str) -> RawFile:
+    # md5: the gzip files' digests published in the dataset's README (Xiao, Rasul, Vollgraf 2017). content_sha256:
+    # the decompressed IDX bytes, computed here from Debian's dataset-fashion-mnist package, whose gzip files are
+    # re-compressed (their md5 differ from the published ones). That the upstream gzip files decompress to the same
+    # bytes could not be checked on this machine (no access to the upstream URLs): the upstream side is unverified.
+    return RawFile(filename, tuple(u + filename for u in _FASHION_URLS), md5=md5,
+                   checksum_source="gzip md5 published in the Fashion-MNIST README",
+                   content_sha256=content_sha256,
+                   content_source="sha256 of the decompressed IDX file (Debian dataset-fashion-mnist package; the "
+                                  "upstream files are expected to decompress to the same bytes, unverified here)")
+
+
 #: Known raw files per dataset (``digits`` ships with scikit-learn and has none).
 RAW_FILES: dict[str, tuple[RawFile, ...]] = {
     "digits": (),
@@ -100,6 +124,16 @@ RAW_FILES: dict[str, tuple[RawFile, ...]] = {
         _mnist("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
         _mnist("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
         _mnist("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+    ),
+    "fashion_mnist": (
+        _fashion("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                 "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+        _fashion("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe",
+                 "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+        _fashion("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79",
+                 "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+        _fashion("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310",
+                 "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
     ),
     "omniglot": (
         RawFile(
@@ -192,17 +226,42 @@ def verify_raw_file(path: Path, raw: RawFile, verify_checksums: bool,
         return entry
     if not verify_checksums:
         return entry
+    mismatches = []
     for algorithm, expected in entry["expected"].items():
         actual = sha256 if algorithm == "sha256" else file_digest(path, algorithm)
         if actual != expected:
-            raise ChecksumMismatchError(
-                f"checksum mismatch for {path.resolve()}: {algorithm} is {actual}, expected {expected} "
-                f"({raw.checksum_source}). The file is corrupt, truncated or a different release: "
-                f"delete it and download it again (or, if you trust this copy, pass "
-                f"--accept-sha256 {raw.filename}={sha256}). {_where_to_get(raw, path)}"
-            )
-    entry["verified"] = True
-    return entry
+            mismatches.append(f"{algorithm} is {actual}, expected {expected} ({raw.checksum_source})")
+    if not mismatches:
+        entry["verified"], entry["verified_by"] = True, raw.checksum_source
+        return entry
+    if raw.content_sha256:  # a re-compressed copy of the same data: compare the decompressed bytes
+        content = gzip_content_sha256(path)
+        entry["content_sha256"], entry["expected"]["content_sha256"] = content, raw.content_sha256
+        if content == raw.content_sha256:
+            entry["verified"], entry["verified_by"] = True, raw.content_source
+            return entry
+        mismatches.append(f"decompressed content sha256 is {content}, expected {raw.content_sha256}")
+    raise ChecksumMismatchError(
+        f"checksum mismatch for {path.resolve()}: {'; '.join(mismatches)}. The file is corrupt, truncated or a "
+        f"different release: delete it and download it again (or, if you trust this copy, pass "
+        f"--accept-sha256 {raw.filename}={sha256}). {_where_to_get(raw, path)}"
+    )
+
+
+def gzip_content_sha256(path: Path) -> str:
+    """sha256 of the decompressed bytes of a gzip file (RawFormatError if it is not a complete gzip stream)."""
+    import gzip
+    import zlib
+
+    h = hashlib.sha256()
+    try:
+        with gzip.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except (OSError, EOFError, zlib.error) as e:
+        raise RawFormatError(f"{path}: not a complete gzip file ({type(e).__name__}: {e}); delete it and get it "
+                             "again") from e
+    return h.hexdigest()
 
 
 def download_raw_file(raw: RawFile, path: Path, verify_checksums: bool = True) -> dict[str, Any]:
@@ -237,9 +296,23 @@ def download_raw_file(raw: RawFile, path: Path, verify_checksums: bool = True) -
     )
 
 
+def find_raw_file(name: str, raw: RawFile, folder: Path) -> Path | None:
+    """Where a raw file is: ``<raw_dir>/<name>/`` first, then the system location of :data:`SYSTEM_RAW_DIRS`."""
+    for d in (folder, *SYSTEM_RAW_DIRS.get(name, ())):
+        if (d / raw.filename).is_file():
+            return d / raw.filename
+    return None
+
+
 def ensure_raw_file(raw: RawFile, folder: Path, download: bool, verify_checksums: bool,
-                    accepted_sha256: str | None = None) -> tuple[Path, dict]:
-    """Return the path of a raw file (downloading it if allowed) and its manifest entry."""
+                    accepted_sha256: str | None = None, name: str = "") -> tuple[Path, dict]:
+    """Return the path of a raw file (found in ``folder`` or a system location, else downloaded into ``folder``
+    if allowed) and its manifest entry (which records where it was read from)."""
+    found = find_raw_file(name, raw, folder)
+    if found is not None and found.parent != folder:
+        entry = verify_raw_file(found, raw, verify_checksums, accepted_sha256)
+        entry["source"] = str(found)
+        return found, entry
     path = folder / raw.filename
     if not path.is_file():
         if not download:
@@ -253,12 +326,14 @@ def require_raw_files(name: str, folder: Path, download: bool) -> None:
     """Fail at once, listing EVERY missing raw file of ``name`` with where to get it, when downloading is off."""
     if download or name not in _FIXED_RAW_FILES:
         return
-    missing = [raw for raw in RAW_FILES[name] if not (folder / raw.filename).is_file()]
+    missing = [raw for raw in RAW_FILES[name] if find_raw_file(name, raw, folder) is None]
     if missing:
         listed = "; ".join(f"{(folder / raw.filename).resolve()} from {raw.urls[0]}"
                            + (f" (md5 {raw.md5})" if raw.md5 else "") for raw in missing)
+        system = "".join(f" (or {d}: `{SYSTEM_RAW_HINTS[name]}`)" for d in SYSTEM_RAW_DIRS.get(name, ()))
         raise RawFileMissingError(f"{len(missing)} of {len(RAW_FILES[name])} raw files of {name} are missing "
-                                  f"(downloading is off): {listed}; place them there, or run without --no-download")
+                                  f"(downloading is off): {listed}; place them there{system}, or run without "
+                                  "--no-download")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,6 +349,7 @@ class _Built:
     raw_inputs: list[dict] = field(default_factory=list)
     split_description: str = ""
     max_value: int = 255
+    labels: dict[str, np.ndarray] = field(default_factory=dict)  # class labels per split, where the data has them
 
 
 @dataclass
@@ -293,7 +369,7 @@ class _Context:
     def ensure(self, raw: RawFile) -> tuple[Path, dict]:
         """:func:`ensure_raw_file` with this call's download / verification / accepted-checksum settings."""
         return ensure_raw_file(raw, self.raw_folder, self.download, self.verify_checksums,
-                               self.accept_sha256.get(raw.filename))
+                               self.accept_sha256.get(raw.filename), self.name)
 
 
 def _pad_to_32(images: np.ndarray) -> np.ndarray:
@@ -307,18 +383,17 @@ def _build_digits(ctx: _Context) -> _Built:
     import sklearn
     from sklearn.datasets import load_digits
 
-    images = load_digits().images  # (1797, 8, 8) floats with integer values 0..16
+    bunch = load_digits()
+    images = bunch.images  # (1797, 8, 8) floats with integer values 0..16
     if images.shape != (1797, 8, 8) or images.min() < 0 or images.max() > 16:
         raise RawFormatError(f"scikit-learn digits have shape {images.shape}, expected (1797, 8, 8) in 0..16")
     images = np.rint(images).astype(np.uint8)[:, None]
     perm = np.random.default_rng(ctx.seed).permutation(len(images))
     n_train, n_valid, _ = DIGITS_SPLIT
     built = _Built(max_value=16)
-    built.splits = {
-        "train": images[perm[:n_train]],
-        "valid": images[perm[n_train:n_train + n_valid]],
-        "test": images[perm[n_train + n_valid:]],
-    }
+    parts = {"train": perm[:n_train], "valid": perm[n_train:n_train + n_valid], "test": perm[n_train + n_valid:]}
+    built.splits = {split: images[idx] for split, idx in parts.items()}
+    built.labels = {split: bunch.target[idx].astype(np.uint8) for split, idx in parts.items()}
     built.split_description = (
         f"scikit-learn load_digits (1,797 8x8 images, levels 0..16); permutation "
         f"numpy.random.default_rng({ctx.seed}).permutation(1797): first {n_train} train, "
@@ -332,22 +407,57 @@ def _build_digits(ctx: _Context) -> _Built:
     return built
 
 
-def _build_mnist(ctx: _Context) -> _Built:
+def _read_idx_pairs(ctx: _Context, name: str) -> tuple[_Built, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The four IDX files of an MNIST-format dataset: {"train": (images (N,28,28), labels), "test": ...}."""
     built = _Built()
     files = {}
-    for raw in RAW_FILES["mnist"]:
+    for raw in RAW_FILES[name]:
         path, entry = ctx.ensure(raw)
         files[raw.filename] = path
         built.raw_inputs.append(entry)
+    pairs = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images = formats.read_idx_gz(files[f"{prefix}-images-idx3-ubyte.gz"], formats.IDX_MAGIC_IMAGES)
         labels = formats.read_idx_gz(files[f"{prefix}-labels-idx1-ubyte.gz"], formats.IDX_MAGIC_LABELS)
-        if images.shape[1:] != (28, 28) or len(labels) != len(images):
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or len(labels) != len(images):
             raise RawFormatError(f"{files[f'{prefix}-images-idx3-ubyte.gz']}: images {images.shape} with "
                                  f"{len(labels)} labels; expected (N, 28, 28) and N labels")
+        if labels.max(initial=0) > 9:
+            raise RawFormatError(f"{files[f'{prefix}-labels-idx1-ubyte.gz']}: label {int(labels.max())} > 9; "
+                                 "expected classes 0..9")
+        pairs[split] = (images, labels)
+    return built, pairs
+
+
+def _build_mnist(ctx: _Context) -> _Built:
+    built, pairs = _read_idx_pairs(ctx, "mnist")
+    for split, (images, labels) in pairs.items():
         built.splits[split] = _pad_to_32(images)
+        built.labels[split] = labels
     built.split_description = ("official MNIST split: train-* -> train, t10k-* -> test; 28x28 zero-padded "
                                "by 2 px to 32x32; no validation split")
+    return built
+
+
+FASHION_VALID = 5000  # validation images held out of Fashion-MNIST's 60,000 training images
+
+
+def _build_fashion_mnist(ctx: _Context) -> _Built:
+    """Fashion-MNIST (Xiao, Rasul, Vollgraf 2017): 8-bit 28x28 grey-scale, kept at 28x28 (no padding); a seeded
+    validation split of 5,000 of the 60,000 training images; the official 10,000 test images."""
+    built, pairs = _read_idx_pairs(ctx, "fashion_mnist")
+    images, labels = pairs["train"]
+    if len(images) <= FASHION_VALID:
+        raise RawFormatError(f"fashion_mnist train-images: {len(images)} images, expected more than the "
+                             f"{FASHION_VALID} held out for validation (60,000 in the real files)")
+    perm = np.random.default_rng(ctx.seed).permutation(len(images))
+    parts = {"train": perm[:-FASHION_VALID], "valid": perm[-FASHION_VALID:]}
+    for split, idx in parts.items():
+        built.splits[split], built.labels[split] = images[idx][:, None], labels[idx]
+    built.splits["test"], built.labels["test"] = pairs["test"][0][:, None], pairs["test"][1]
+    built.split_description = (
+        f"Fashion-MNIST train-* ({len(images)} images): numpy.random.default_rng({ctx.seed}).permutation: all but "
+        f"the last {FASHION_VALID} -> train, the last {FASHION_VALID} -> valid; t10k-* -> test; 28x28, 8-bit")
     return built
 
 
@@ -472,11 +582,15 @@ def _build_celeba256(ctx: _Context) -> _Built:
 
 
 #: datasets whose raw files are a fixed list (celeba256 accepts one of three layouts instead)
-_FIXED_RAW_FILES = ("mnist", "omniglot", "cifar10")
+_FIXED_RAW_FILES = ("mnist", "fashion_mnist", "omniglot", "cifar10")
+#: system folders searched after ``<raw_dir>/<name>/`` (Debian: ``apt-get install dataset-fashion-mnist``)
+SYSTEM_RAW_DIRS: dict[str, tuple[Path, ...]] = {"fashion_mnist": (FASHION_MNIST_SYSTEM_DIR,)}
+SYSTEM_RAW_HINTS = {"fashion_mnist": "apt-get install dataset-fashion-mnist"}
 
 _BUILDERS: dict[str, Callable[[_Context], _Built]] = {
     "digits": _build_digits,
     "mnist": _build_mnist,
+    "fashion_mnist": _build_fashion_mnist,
     "omniglot": _build_omniglot,
     "cifar10": _build_cifar10,
     "celeba256": _build_celeba256,
@@ -498,6 +612,14 @@ def _write_outputs(ctx: _Context, built: _Built) -> None:
                                  f"(N,C,H,W) with values <= {built.max_value}")
         splits_meta[split] = {"file": path.name, "count": int(array.shape[0]), "shape": list(array.shape),
                               "sha256": file_digest(path)}
+        if split in built.labels:
+            labels = np.ascontiguousarray(built.labels[split], dtype=np.uint8)
+            if labels.shape != (array.shape[0],):
+                raise RawFormatError(f"{ctx.name}/{split}: {labels.shape} labels for {array.shape[0]} images")
+            label_path = ctx.tmp_dir / f"{split}_labels.npy"
+            np.save(label_path, labels)
+            splits_meta[split].update(labels_file=label_path.name, labels_sha256=file_digest(label_path),
+                                      num_classes=int(labels.max()) + 1)
     manifest = {
         "format_version": FORMAT_VERSION,
         "dataset": ctx.name,

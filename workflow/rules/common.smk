@@ -4,7 +4,7 @@ import posixpath
 import sys
 
 import lsgm.pipeline as P
-from lsgm.config import ConfigError, default_experiments, list_experiments
+from lsgm.config import ConfigError, default_experiments, list_experiments, matrix_claims_experiments
 
 ALL_EXPERIMENTS = list_experiments()
 
@@ -21,9 +21,18 @@ def _selected_experiments():
     return names
 
 
+def _claims_experiments():
+    """The claims target's experiment instances: `claims: true` entries of the matrix, once per seed
+    (`--config seeds=0,1,2` overrides each entry's `seeds:`)."""
+    raw = config.get("seeds")
+    seeds = None if raw is None else [int(s) for s in str(raw).split(",") if s != ""]
+    return matrix_claims_experiments(seeds=seeds)
+
+
 EXPS = _selected_experiments()
+CLAIMS = _claims_experiments()
 try:  # a broken params file stops only the experiments that use it (named below); a selected one stops the run
-    PIPE = P.build_pipeline(ALL_EXPERIMENTS, report_experiments=EXPS, skip_broken=True)
+    PIPE = P.build_pipeline(ALL_EXPERIMENTS, report_experiments=EXPS, skip_broken=True, claims_experiments=CLAIMS)
 except ConfigError as exc:
     sys.exit(f"lsgm: config error: {exc}")
 for _name, _error in PIPE.broken.items():
@@ -32,9 +41,10 @@ for _name, _error in PIPE.broken.items():
 wildcard_constraints:
     exp="|".join(PIPE.configs),
     stage="|".join(sorted({s for c in PIPE.configs.values() for s in c.prior})),
-    dataset="[a-z0-9]+",
+    dataset="[a-z0-9_]+",
     split="train|train_valid",
-    model="lsgm|vae",
+    model="[A-Za-z0-9_]+",
+    run="[A-Za-z0-9_.+-]+",
 
 
 def _stage(kind, wc):

@@ -37,3 +37,42 @@ rule eval_fid:
         **stage_resources("eval_fid"),
     shell:
         stage_shell("eval_fid")
+
+
+rule train_classifier:
+    """lsgm train-classifier EXP: the dataset's feature classifier (FD / KID of samples in its features)."""
+    input:
+        stage_inputs("train_classifier"),
+    output:
+        outputs("train_classifier"),
+    params:
+        cfg=stage_config("train_classifier"),
+        exp=stage_field("train_classifier", "exp"),
+    log:
+        log_path("train_classifier"),
+    benchmark:
+        benchmark_path("train_classifier")
+    threads: stage_threads("train_classifier")
+    resources:
+        **stage_resources("train_classifier"),
+    shell:
+        stage_shell("train_classifier")
+
+
+rule eval_fd:
+    """lsgm eval-fd EXP --run RUN: FD / KID in dataset-classifier features (only where eval_fd.enabled)."""
+    input:
+        stage_inputs("eval_fd"),
+    output:
+        outputs("eval_fd"),
+    params:
+        cfg=stage_config("eval_fd"),
+    log:
+        log_path("eval_fd"),
+    benchmark:
+        benchmark_path("eval_fd")
+    threads: stage_threads("eval_fd")
+    resources:
+        **stage_resources("eval_fd"),
+    shell:
+        stage_shell("eval_fd")

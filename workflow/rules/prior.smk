@@ -20,3 +20,23 @@ rule train_lsgm:
         **stage_resources("train_lsgm"),
     shell:
         stage_shell("train_lsgm")
+
+
+rule train_data_sgm:
+    """lsgm train-data-sgm EXP: the data-space score model (NCSN++ + VPSDE on dequantised pixels; baseline)."""
+    input:
+        stage_inputs("train_data_sgm"),
+    output:
+        outputs("train_data_sgm"),
+    params:
+        cfg=stage_config("train_data_sgm"),
+        lsgm=stage_field("train_data_sgm", "lsgm"),
+    log:
+        log_path("train_data_sgm"),
+    benchmark:
+        benchmark_path("train_data_sgm")
+    threads: stage_threads("train_data_sgm")
+    resources:
+        **stage_resources("train_data_sgm"),
+    shell:
+        stage_shell("train_data_sgm")

@@ -18,3 +18,24 @@ rule report:
         **P.slurm_resources(PIPE.resources(PIPE.find("report"))),
     shell:
         stage_shell("report")
+
+
+if PIPE.of_kind("claims"):  # the matrix has claims experiments (`claims: true`)
+
+    rule claims:
+        """lsgm claims: reports/claims.json and claims.md (`snakemake --cores all claims [--config seeds=0,1]`)."""
+        input:
+            PIPE.find("claims").deps,
+        output:
+            outputs("claims", shown={"claims.md": "Claims"}),
+        params:
+            experiments=" ".join(CLAIMS),
+        log:
+            log_path("claims"),
+        benchmark:
+            benchmark_path("claims")
+        threads: 1
+        resources:
+            **P.slurm_resources(PIPE.resources(PIPE.find("claims"))),
+        shell:
+            stage_shell("claims")

@@ -18,3 +18,22 @@ rule sample:
         **stage_resources("sample"),
     shell:
         stage_shell("sample")
+
+
+rule sample_run:
+    """lsgm sample-run EXP RUN: another model, the ancestral sampler or another ODE tolerance (samples/RUN/)."""
+    input:
+        stage_inputs("sample_run"),
+    output:
+        outputs("sample_run", shown={"grid.png": "Samples"}),
+    params:
+        cfg=stage_config("sample_run"),
+    log:
+        log_path("sample_run"),
+    benchmark:
+        benchmark_path("sample_run")
+    threads: stage_threads("sample_run")
+    resources:
+        **stage_resources("sample_run"),
+    shell:
+        stage_shell("sample_run")
