@@ -22,7 +22,6 @@ import pytest
 import yaml
 
 from lsgm import pipeline as P
-from lsgm.config import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
