@@ -119,7 +119,7 @@ def _cmd_claims(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_data_sgm(args: argparse.Namespace) -> int:
-    from lsgm.train import train_data_sgm
+    from lsgm.baseline import train_data_sgm
 
     cfg = load_experiment(args.experiment)
     train_data_sgm(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root), max_steps=args.max_steps,

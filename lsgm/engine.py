@@ -52,7 +52,7 @@ from lsgm.runs import RunLayout
 log = logging.getLogger("lsgm.engine")
 
 __all__ = [
-    "BatchPlan", "DistContext", "NAN_REMEDIES", "NonFiniteError", "TooManyNaNs", "TrainLoop", "allreduce_grads",
+    "BatchPlan", "DistContext", "adam_with_schedule", "NAN_REMEDIES", "NonFiniteError", "TooManyNaNs", "TrainLoop", "allreduce_grads",
     "cosine_lr", "grad_norm", "host_floats", "keep_cpu_heap", "lr_at", "make_adam", "prepare_batchnorm",
     "StageStart", "add_reg", "already_finished", "finish_stage", "prepare_rerun", "setup_distributed",
     "setup_logging", "start_stage", "step_time_stats",
@@ -230,6 +230,15 @@ def make_adam(params: list[nn.Parameter], *, lr: float, eps: float, weight_decay
             return cls(params, fused=True, **kwargs)
         log.warning("fused Adam not available for %s; using foreach kernels", sorted({p.device.type for p in params}))
     return cls(params, foreach=True, **kwargs)
+
+
+def adam_with_schedule(params: list[nn.Parameter], tc: Any, *, lr: float, lr_min: float, eps: float, ipe: int, fused: bool
+               ) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
+    """Adam (weight decay as ``tc.weight_decay_mode``) and its warm-up + cosine schedule."""
+    opt = make_adam(params, lr=lr, eps=eps, weight_decay=tc.weight_decay, weight_decay_mode=tc.weight_decay_mode,
+                    fused=fused)
+    return opt, cosine_lr(base=lr, minimum=lr_min, warmup_epochs=tc.warmup_epochs, epochs=tc.epochs,
+                          iters_per_epoch=ipe)
 
 
 def grad_norm(params: list[nn.Parameter]) -> float:

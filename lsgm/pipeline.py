@@ -99,7 +99,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("train_data_sgm", ("exp",), "{lsgm} train-data-sgm {exp}", deps=(_PREPARED,),
          outs=(_p(_RUN.model(DATA_SGM_STAGE)),), metrics=(_p(_RUN.metrics(DATA_SGM_STAGE)),),
          persist=(_p(_RUN.checkpoints(DATA_SGM_STAGE)), _p(_RUN.dvclive(DATA_SGM_STAGE))),
-         params=("data", "data_sgm", "engine.precision"), module="lsgm.train"),
+         params=("data", "data_sgm", "engine.precision"), module="lsgm.baseline"),
     Kind("sample", ("exp",), "lsgm sample {exp}", deps=(_p(_RUN.model("{final}")),),
          outs=(_p(_RUN.samples),), metrics=(_p(_RUN.sample_stats),), plots=(_p(_RUN.grid),),
          params=("sampling",), module="lsgm.evaluate"),

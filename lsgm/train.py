@@ -27,15 +27,15 @@ from lsgm.config import ExperimentConfig, PriorStageConfig
 from lsgm.data.loader import BatchIterator, to_model_input
 from lsgm.ema import EMA
 from lsgm.config import config_hash
-from lsgm.engine import (StageStart, TrainLoop, add_reg, cosine_lr, finish_stage, host_floats, make_adam,
+from lsgm.engine import (StageStart, TrainLoop, adam_with_schedule, add_reg, cosine_lr, finish_stage, host_floats,
                          prepare_batchnorm, prepare_rerun, start_stage)
-from lsgm.models import build_data_sgm, build_prior, build_vae, read_model_file
+from lsgm.models import build_prior, build_vae, read_model_file
 from lsgm.objectives import LSGMObjective
 from lsgm.provenance import sha256_file
-from lsgm.runs import DATA_SGM_STAGE, PREPARED_ROOT, RUNS_ROOT, VAE_STAGE, RunLayout
+from lsgm.runs import PREPARED_ROOT, RUNS_ROOT, VAE_STAGE, RunLayout
 from lsgm.vae.regularization import SpectralRegularizer, bn_loss, kl_balancer, kl_coeff
 
-__all__ = ["train_data_sgm", "train_lsgm", "train_vae"]
+__all__ = ["train_lsgm", "train_vae"]
 
 log = logging.getLogger("lsgm.train")
 
@@ -299,17 +299,6 @@ def _normal_prior_step(s: _Stage2, step: int) -> dict[str, Any]:
     return _end_step(s, m, beta)
 
 
-def _data_sgm_step(s: _Stage2, step: int) -> dict[str, Any]:
-    """The data-space score model: the SGM objective on uniformly dequantised images (the latent prior's own SGM
-    step, with images in place of latents)."""
-    micro = s.start.plan.micro_batches(s.order, step, s.start.ctx.rank)
-    s.prior.train()
-    images = [s.loop.micro_batch(s.start.split, idx, step, gidx, dequantize=True) for gidx, idx in micro]
-    m: dict[str, Any] = {"p_loss": 0.0}
-    _sgm_step(s, step, micro, images, m)
-    return _end_step(s, m, 1.0)
-
-
 def _end_step(s: _Stage2, m: dict[str, Any], beta: float) -> dict[str, float]:
     """Clear gradients, fold the SGM into its EMA, add the mixing-α statistics; one device-to-host copy."""
     for opt in s.loop.optimizers.values():
@@ -326,7 +315,7 @@ def _end_step(s: _Stage2, m: dict[str, Any], beta: float) -> dict[str, float]:
 
 _STEP_FNS: dict[str, Callable[[_Stage2, int], dict[str, float]]] = {
     "joint": _joint_step, "disjoint": _disjoint_step, "frozen VAE": _frozen_vae_step,
-    "VAE with its Normal prior": _normal_prior_step, "data space": _data_sgm_step}
+    "VAE with its Normal prior": _normal_prior_step}
 
 
 def _training_mode(sc: PriorStageConfig) -> str:
@@ -373,15 +362,6 @@ def _stage2_hash_sections(cfg: ExperimentConfig, stage: str, layout: RunLayout) 
     return (cfg.data, cfg.vae, cfg.prior[stage], sha256_file(init))
 
 
-def _optimiser(params: list[nn.Parameter], tc: Any, *, lr: float, lr_min: float, eps: float, ipe: int, fused: bool
-               ) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
-    """Adam (weight decay as ``tc.weight_decay_mode``) and its warm-up + cosine schedule."""
-    opt = make_adam(params, lr=lr, eps=eps, weight_decay=tc.weight_decay, weight_decay_mode=tc.weight_decay_mode,
-                    fused=fused)
-    return opt, cosine_lr(base=lr, minimum=lr_min, warmup_epochs=tc.warmup_epochs, epochs=tc.epochs,
-                          iters_per_epoch=ipe)
-
-
 def _build_stage2(cfg: ExperimentConfig, stage: str, start: StageStart) -> _Stage2:
     """Models (the VAE from ``init_from``'s model.pt, the SGM fresh or loaded), objective, optimisers, loop."""
     sc, ctx = cfg.prior[stage], start.ctx
@@ -413,11 +393,11 @@ def _build_stage2(cfg: ExperimentConfig, stage: str, start: StageStart) -> _Stag
     optimizers: dict[str, torch.optim.Optimizer] = {}
     lr_fns: dict[str, Callable[[int], float]] = {}
     if prior is not None:
-        optimizers["prior"], lr_fns["prior"] = _optimiser(prior_params, tc, lr=tc.learning_rate_score,
+        optimizers["prior"], lr_fns["prior"] = adam_with_schedule(prior_params, tc, lr=tc.learning_rate_score,
                                                           lr_min=tc.learning_rate_score_min, eps=tc.score_adam_eps,
                                                           ipe=ipe, fused=fused)
     if sc.train_vae:
-        optimizers["vae"], lr_fns["vae"] = _optimiser(vae_params, tc, lr=tc.learning_rate_vae,
+        optimizers["vae"], lr_fns["vae"] = adam_with_schedule(vae_params, tc, lr=tc.learning_rate_vae,
                                                       lr_min=tc.learning_rate_vae_min, eps=tc.vae_adam_eps,
                                                       ipe=ipe, fused=fused)
     else:
@@ -469,42 +449,3 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = RUNS_ROOT, da
     last = s.loop.run(lambda step: step_fn(s, step), max_steps=max_steps, on_start=on_start)
     return finish_stage(cfg, stage, start, s.loop, last, vae=_unwrap(s.vae), prior=s.prior,
                         prior_ema=s.ema.averaged_state(s.prior) if s.ema is not None else None)
-
-
-def train_data_sgm(cfg: ExperimentConfig, run_root: Path = RUNS_ROOT, data_root: Path = PREPARED_ROOT,
-                   max_steps: Optional[int] = None, retrain: bool = False) -> Path:
-    """The data-space score model (the paper's comparison class: NCSN++ + VPSDE on pixels, Song et al. 2021): the
-    SGM objective of docs/algorithm.md §4.4 on uniformly dequantised images in [−1, 1], with the same engine, SDE,
-    t-sampling and network code as the latent prior. Writes ``<run_root>/<exp>/data_sgm/model.pt``."""
-    if cfg.data_sgm is None:
-        raise ValueError(f"{cfg.name}: no data_sgm section; add one to train a data-space score model")
-    dc = cfg.data_sgm
-    tc = dc.train
-    start = start_stage(cfg, DATA_SGM_STAGE, tc, run_root, data_root, "data_sgm.train",
-                        f" (data space, p={tc.iw_sample_p})")
-    ctx, hash_sections = start.ctx, (cfg.data, dc)
-    end = start.total if max_steps is None else min(start.total, max_steps)
-    if prepare_rerun(start.layout, DATA_SGM_STAGE, config_hash(hash_sections), retrain, end):
-        ctx.close()
-        return start.layout.model(DATA_SGM_STAGE)
-    torch.manual_seed(tc.seed)
-    prior = build_data_sgm(cfg).to(ctx.device)
-    params = [p for p in prior.parameters() if p.requires_grad]
-    opt, lr_fn = _optimiser(params, tc, lr=tc.learning_rate, lr_min=tc.learning_rate_min, eps=tc.adam_eps,
-                            ipe=start.plan.iters_per_epoch, fused=cfg.engine.fused_optimizer)
-    extra: dict[str, Any] = {}
-    reg = None
-    if tc.weight_decay_norm > 0:
-        extra["spectral_prior"] = SpectralRegularizer(prior, include_plain_conv2d=True,
-                                                      generator=torch.Generator().manual_seed(tc.seed))
-        reg = (tc.weight_decay_norm, extra["spectral_prior"].to(ctx.device))
-    ema = EMA(tc.ema_decay)
-    loop = TrainLoop(cfg=cfg, stage=DATA_SGM_STAGE, layout=start.layout, ctx=ctx, modules={"prior": prior},
-                     optimizers={"prior": opt}, lr_fns={"prior": lr_fn}, total_steps=start.total, ema=ema,
-                     extra_state=extra, seed=tc.seed, hash_sections=hash_sections)
-    order = BatchIterator(len(start.split), start.plan.global_batch, shuffle=True, drop_last=True, seed=tc.seed)
-    objective = LSGMObjective(prior.sde, tc.iw_sample_p, "reweight_p_samples", dc.sde.time_eps, compat=tc.compat)
-    s = _Stage2(cfg, None, tc, start, loop, order, None, prior, prior, objective, ema, [], params, None, reg)
-    last = loop.run(lambda step: _data_sgm_step(s, step), max_steps=max_steps)
-    return finish_stage(cfg, DATA_SGM_STAGE, start, loop, last, vae=None, prior=prior,
-                        prior_ema=ema.averaged_state(prior))
