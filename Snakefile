@@ -9,6 +9,9 @@ min_version("9.0")
 configfile: "params/experiments.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/vae.smk"
@@ -23,3 +26,9 @@ rule all:
     input:
         PIPE.find("report").outputs,
         expand("params/resolved/{exp}.yaml", exp=EXPS),
+
+
+onsuccess:
+    # record what Snakemake built in DVC's lock file (dvc commit), so `dvc repro` / `dvc exp run` redo nothing
+    print(P.record_in_dvc(PIPE, EXPS + [c for c in CLAIMS if c not in EXPS], report=EXPS == default_experiments(),
+                          claims=CLAIMS == matrix_claims_experiments()))

@@ -12,7 +12,7 @@ import torch
 from lsgm.config import ExperimentConfig, config_hash
 from lsgm.data.loader import BatchIterator
 from lsgm.ema import EMA
-from lsgm.engine import TrainLoop, adam_with_schedule, finish_stage, prepare_rerun, start_stage
+from lsgm.engine import TrainLoop, adam_with_schedule, finish_stage, skip_finished, start_stage
 from lsgm.models import build_data_sgm
 from lsgm.objectives import LSGMObjective
 from lsgm.runs import DATA_SGM_STAGE, PREPARED_ROOT, RUNS_ROOT
@@ -34,7 +34,7 @@ def _data_sgm_step(s: _Stage2, step: int) -> dict[str, Any]:
 
 
 def train_data_sgm(cfg: ExperimentConfig, run_root: Path = RUNS_ROOT, data_root: Path = PREPARED_ROOT,
-                   max_steps: Optional[int] = None, retrain: bool = False) -> Path:
+                   max_steps: Optional[int] = None, retrain: bool = False, metrics_root: Optional[Path] = None) -> Path:
     """The data-space score model (the paper's comparison class: NCSN++ + VPSDE on pixels, Song et al. 2021): the
     SGM objective of docs/algorithm.md §4.4 on uniformly dequantised images in [−1, 1], with the same engine, SDE,
     t-sampling and network code as the latent prior. Writes ``<run_root>/<exp>/data_sgm/model.pt``."""
@@ -46,8 +46,7 @@ def train_data_sgm(cfg: ExperimentConfig, run_root: Path = RUNS_ROOT, data_root:
                         f" (data space, p={tc.iw_sample_p})")
     ctx, hash_sections = start.ctx, (cfg.data, dc)
     end = start.total if max_steps is None else min(start.total, max_steps)
-    if prepare_rerun(start.layout, DATA_SGM_STAGE, config_hash(hash_sections), retrain, end):
-        ctx.close()
+    if skip_finished(cfg, DATA_SGM_STAGE, start, config_hash(hash_sections), retrain, end, metrics_root):
         return start.layout.model(DATA_SGM_STAGE)
     torch.manual_seed(tc.seed)
     prior = build_data_sgm(cfg).to(ctx.device)
@@ -68,5 +67,5 @@ def train_data_sgm(cfg: ExperimentConfig, run_root: Path = RUNS_ROOT, data_root:
     objective = LSGMObjective(prior.sde, tc.iw_sample_p, "reweight_p_samples", dc.sde.time_eps, compat=tc.compat)
     s = _Stage2(cfg, None, tc, start, loop, order, None, prior, prior, objective, ema, [], params, None, reg)
     last = loop.run(lambda step: _data_sgm_step(s, step), max_steps=max_steps)
-    return finish_stage(cfg, DATA_SGM_STAGE, start, loop, last, vae=None, prior=prior,
+    return finish_stage(cfg, DATA_SGM_STAGE, start, loop, last, metrics_root, vae=None, prior=prior,
                         prior_ema=ema.averaged_state(prior))

@@ -297,7 +297,7 @@ def _fmt(x: Optional[float], digits: int = 4) -> str:
     return "—" if x is None else f"{x:.{digits}g}"
 
 
-def claims_markdown(doc: dict[str, Any]) -> str:
+def claims_markdown(doc: dict[str, Any], run_root: Path) -> str:
     """``claims.md``: one table per experiment (claim, paper, ours ± SE, mean ± sd across seeds, verdict) and the
     per-seed numbers."""
     lines = ["# The paper's claims at small scale", "",
@@ -325,7 +325,7 @@ def claims_markdown(doc: dict[str, Any]) -> str:
                         f"{k} = {_fmt(v) if isinstance(v, float) else v}" for k, v in extra.items()))
         lines.append("")
         for seed in exp["seeds"]:
-            lines += _stage_times_md(base if seed == 0 else f"{base}_seed{seed}")
+            lines += _stage_times_md(run_root, base if seed == 0 else f"{base}_seed{seed}")
     return "\n".join(lines)
 
 
@@ -370,11 +370,11 @@ def write_claims(*, experiments: Sequence[str], run_root: Path, out_dir: Path) -
     paths = {"json": Path(out_dir) / "claims.json", "md": Path(out_dir) / "claims.md",
              "c6": Path(out_dir) / "claims_c6.png"}
     atomic_write_json(paths["json"], doc)
-    atomic_write_text(paths["md"], claims_markdown(doc) + "\n![C6: FD and NFE against the ODE tolerance](claims_c6.png)\n")
+    atomic_write_text(paths["md"], claims_markdown(doc, Path(run_root)) + "\n![C6: FD and NFE against the ODE tolerance](claims_c6.png)\n")
     tolerance_figure(doc, paths["c6"])
     for c in doc["claims"]:
         print(f"{c['id']}: {c['verdict']} (ours {_fmt(c['ours'])} {c['unit']})")
     for base, exp in doc["experiments"].items():  # the wall time of every stage of the DAG, as the claims need it
         for seed in exp["seeds"]:
-            print("\n".join(_stage_times_md(base if seed == 0 else f"{base}_seed{seed}")))
+            print("\n".join(_stage_times_md(Path(run_root), base if seed == 0 else f"{base}_seed{seed}")))
     return paths

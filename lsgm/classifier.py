@@ -118,10 +118,10 @@ def train_classifier(dataset: str, *, data_root: Path, root: Path = CLASSIFIERS_
     Returns:
         The metrics written.
     """
-    from tqdm.auto import tqdm
-
     from lsgm.data.loader import load_split
     from lsgm.metrics import levels_to_uint8
+    from lsgm.progress import progress
+    from lsgm.provenance import peak_rss_mb
 
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -143,7 +143,7 @@ def train_classifier(dataset: str, *, data_root: Path, root: Path = CLASSIFIERS_
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     start = time.perf_counter()
     losses = []
-    with tqdm(total=total, desc=f"classifier {dataset}", unit="step", mininterval=15.0) as bar:
+    with progress(total, f"classifier {dataset}", unit="step") as bar:
         for epoch in range(epochs):
             model.train()
             order = _epoch_order(len(images), seed, epoch)
@@ -163,7 +163,7 @@ def train_classifier(dataset: str, *, data_root: Path, root: Path = CLASSIFIERS_
     metrics = {"dataset": dataset, "eval_split": eval_split, "accuracy": acc, "num_eval_images": len(test_images),
                "train_images": len(images), "epochs": epochs, "batch_size": batch_size, "width": width,
                "feature_dim": model.feature_dim, "seed": seed, "final_train_loss": float(np.mean(losses[-50:])),
-               "seconds": time.perf_counter() - start}
+               "seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
     atomic_write_json(files.metrics, metrics)
     print(f"classifier {dataset}: {eval_split} accuracy {acc:.4f} ({len(test_images)} images) -> {files.dir}")
     return metrics
@@ -282,7 +282,7 @@ def reference_for_fd(cfg, data_root: Path) -> torch.Tensor:
 
 
 def eval_fd_experiment(cfg, *, run_root: Path, data_root: Path, tag: str = "",
-                       classifier_root: Path = CLASSIFIERS_ROOT) -> dict[str, Any]:
+                       classifier_root: Path = CLASSIFIERS_ROOT, metrics_root: Optional[Path] = None) -> dict[str, Any]:
     """``lsgm eval-fd EXP [--run TAG]``: FD and KID in <dataset>-classifier features of a sampling run's samples
     against the training images; writes ``eval/fd_<tag>.json`` with the classifier's accuracy and the samples'
     protocol.
@@ -292,9 +292,13 @@ def eval_fd_experiment(cfg, *, run_root: Path, data_root: Path, tag: str = "",
         run_root, data_root: runs and prepared-data roots.
         tag: sampling run (``""``: the default ``sample/`` run; else a ``sample_runs`` tag).
         classifier_root: where ``lsgm train-classifier`` wrote the dataset's classifier.
+        metrics_root: where the headline file ``fd_<tag>.json`` goes (:func:`lsgm.headline.headline_root`).
     """
     import json
 
+    from lsgm.config import experiment_hash, set_args_text
+    from lsgm.headline import fd_headline, headline_layout, write_headline
+    from lsgm.provenance import peak_rss_mb
     from lsgm.device import resolve_device
     from lsgm.provenance import git_commit, sha256_file
     from lsgm.runs import RunLayout
@@ -326,8 +330,10 @@ def eval_fd_experiment(cfg, *, run_root: Path, data_root: Path, tag: str = "",
               "sampling": {k: stats.get(k) for k in ("model", "sampler", "steps", "tol", "ode_eps", "nfe_mean",
                                                      "seconds_mean", "num_samples", "checkpoint")},
               "samples_sha256": sha256_file(samples_path), "seconds": time.perf_counter() - start,
-              "commit": git_commit(), "command": f"lsgm eval-fd {cfg.name}" + (f" --run {tag}" if tag else "")}
+              "peak_rss_mb": peak_rss_mb(), "commit": git_commit(), "experiment_hash": experiment_hash(cfg),
+              "command": f"lsgm eval-fd {cfg.name}" + (f" --run {tag}" if tag else "") + set_args_text(cfg)}
     atomic_write_json(layout.fd(tag), result)
+    write_headline(headline_layout(cfg.name, run_root, metrics_root).fd(tag), fd_headline(result))
     print(f"FD in {cfg.data.dataset}-classifier features {fd['fd']:.4g}, KID {fd['kid']:.4g} "
           f"({len(samples)} samples) -> {layout.fd(tag)}")
     return result

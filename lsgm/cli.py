@@ -11,11 +11,20 @@ from pathlib import Path
 
 from lsgm.config import ConfigError, dump_config, list_experiments, load_experiment
 from lsgm.errors import LsgmError, storage_error
-from lsgm.runs import CLASSIFIERS_ROOT, PREPARED_ROOT, RUNS_ROOT
+from lsgm.runs import CLASSIFIERS_ROOT, HEADLINE_ROOT, PREPARED_ROOT, RUNS_ROOT
+
+
+def _load(args: argparse.Namespace):
+    """The experiment of a verb's EXP argument with its ``--set KEY=VALUE`` overrides (same validation as a file)."""
+    return load_experiment(args.experiment, set_args=args.set)
+
+
+def _metrics_root(args: argparse.Namespace):
+    return Path(args.metrics_root) if args.metrics_root else None
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    cfg = load_experiment(args.experiment)
+    cfg = _load(args)
     sys.stdout.write(dump_config(cfg))
     return 0
 
@@ -33,10 +42,17 @@ def _cmd_resolve_config(args: argparse.Namespace) -> int:
     from lsgm.atomic import atomic_write_text
     from lsgm.config import resolved_params_file
 
-    cfg = load_experiment(args.experiment)  # a config error leaves the existing file untouched
+    cfg = _load(args)  # a config error leaves the existing file untouched
     out = Path(args.out) if args.out else resolved_params_file(cfg.name)
     atomic_write_text(out, dump_config(cfg))
     print(f"resolved {args.experiment} -> {out}")
+    if not (args.out or args.set) and args.experiment in list_experiments():
+        # the pipeline's own run (DVC's resolve_config stage): also the per-stage values Snakemake reads
+        from lsgm.pipeline import build_pipeline, write_stage_params
+
+        pipe = build_pipeline(report_experiments=[], root=resolved_params_file(cfg.name).parents[2], skip_broken=True)
+        for rel in write_stage_params(pipe, [cfg.name]):
+            print(f"  stage params changed -> {rel}")
     return 0
 
 
@@ -59,20 +75,20 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_train_vae(args: argparse.Namespace) -> int:
     from lsgm.train import train_vae
 
-    cfg = load_experiment(args.experiment)
+    cfg = _load(args)
     train_vae(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root), max_steps=args.max_steps,
-              retrain=args.retrain)
+              retrain=args.retrain, metrics_root=_metrics_root(args))
     return 0
 
 
 def _cmd_train_lsgm(args: argparse.Namespace) -> int:
     from lsgm.train import train_lsgm
 
-    cfg = load_experiment(args.experiment)
+    cfg = _load(args)
     stages = [args.stage] if args.stage else list(cfg.prior)
     for stage in stages:
         train_lsgm(cfg, stage, run_root=Path(args.run_root), data_root=Path(args.data_root),
-                   max_steps=args.max_steps, retrain=args.retrain)
+                   max_steps=args.max_steps, retrain=args.retrain, metrics_root=_metrics_root(args))
     return 0
 
 
@@ -90,21 +106,22 @@ def _sample_run(cfg, tag: str | None):
 def _cmd_sample(args: argparse.Namespace) -> int:
     from lsgm.evaluate import sample_experiment
 
-    cfg = load_experiment(args.experiment)
+    cfg = _load(args)
     sample_experiment(cfg, run_root=Path(args.run_root), num_samples=args.num_samples,
-                      run=_sample_run(cfg, args.run))
+                      run=_sample_run(cfg, args.run), metrics_root=_metrics_root(args))
     return 0
 
 
 def _cmd_sample_run(args: argparse.Namespace) -> int:
     from lsgm.evaluate import sample_experiment
 
-    cfg = load_experiment(args.experiment)
+    cfg = _load(args)
     runs = {r.tag: r for r in cfg.all_sample_runs()}
     if args.run not in runs:
         raise ConfigError(f"{cfg.name}: sampling run {args.run!r} is not configured (sample_runs or the claims' "
                           f"runs); allowed: {', '.join(runs) or '(none)'}")
-    sample_experiment(cfg, run_root=Path(args.run_root), num_samples=args.num_samples, run=runs[args.run])
+    sample_experiment(cfg, run_root=Path(args.run_root), num_samples=args.num_samples, run=runs[args.run],
+                      metrics_root=_metrics_root(args))
     return 0
 
 
@@ -121,16 +138,16 @@ def _cmd_claims(args: argparse.Namespace) -> int:
 def _cmd_train_data_sgm(args: argparse.Namespace) -> int:
     from lsgm.baseline import train_data_sgm
 
-    cfg = load_experiment(args.experiment)
+    cfg = _load(args)
     train_data_sgm(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root), max_steps=args.max_steps,
-                   retrain=args.retrain)
+                   retrain=args.retrain, metrics_root=_metrics_root(args))
     return 0
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> int:
     from lsgm.classifier import train_classifier
 
-    cfg = load_experiment(args.experiment)
+    cfg = _load(args)
     fd = cfg.eval_fd
     train_classifier(cfg.data.dataset, data_root=Path(args.data_root), root=Path(args.out_root),
                      epochs=fd.classifier_epochs, batch_size=fd.classifier_batch_size, width=fd.classifier_width,
@@ -142,25 +159,27 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
 def _cmd_eval_fd(args: argparse.Namespace) -> int:
     from lsgm.classifier import eval_fd_experiment
 
-    cfg = load_experiment(args.experiment)
+    cfg = _load(args)
     run = _sample_run(cfg, args.run)
     eval_fd_experiment(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root),
-                       tag=run.tag if run else "", classifier_root=Path(args.classifier_root))
+                       tag=run.tag if run else "", classifier_root=Path(args.classifier_root),
+                       metrics_root=_metrics_root(args))
     return 0
 
 
 def _cmd_eval_nll(args: argparse.Namespace) -> int:
     from lsgm.evaluate import eval_nll_experiment
 
-    cfg = load_experiment(args.experiment)
-    eval_nll_experiment(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root), model=args.model)
+    cfg = _load(args)
+    eval_nll_experiment(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root), model=args.model,
+                        metrics_root=_metrics_root(args))
     return 0
 
 
 def _cmd_fid_stats(args: argparse.Namespace) -> int:
     from lsgm.metrics import reference_statistics
 
-    cfg = load_experiment(args.experiment)
+    cfg = _load(args)
     reference_statistics(cfg, data_root=Path(args.data_root), out=Path(args.out))
     return 0
 
@@ -168,15 +187,17 @@ def _cmd_fid_stats(args: argparse.Namespace) -> int:
 def _cmd_eval_fid(args: argparse.Namespace) -> int:
     from lsgm.metrics import eval_fid_experiment
 
-    cfg = load_experiment(args.experiment)
-    eval_fid_experiment(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root))
+    cfg = _load(args)
+    eval_fid_experiment(cfg, run_root=Path(args.run_root), data_root=Path(args.data_root),
+                        metrics_root=_metrics_root(args))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from lsgm.report import write_report
 
-    write_report(run_root=Path(args.run_root), out_dir=Path(args.out_dir), experiments=args.experiments or None)
+    write_report(run_root=Path(args.run_root), out_dir=Path(args.out_dir), experiments=args.experiments or None,
+                 data_root=Path(args.data_root))
     return 0
 
 
@@ -186,14 +207,28 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     return run_launch(args)
 
 
+SET_HELP = ("override one config value for this run, validated like a params file (repeatable; VALUE is YAML), "
+            "e.g. --set sampling.ode_tol=1e-3. Applied after params/EXP.yaml and params.yaml, recorded in the resolved "
+            "config (cli_overrides) and in every hash. Snakemake and DVC do not pass it: for the pipeline, put the value "
+            "in params.yaml (or `dvc exp run -S '++EXP.KEY=VALUE'`)")
 RETRAIN_HELP = ("train this stage again from scratch although it finished (old checkpoints are moved to "
                 "checkpoints-stale-retrain/, model.pt and metrics.json removed); to continue an interrupted retrain, "
                 "rerun without the flag")
 
 
+def version_text() -> str:
+    """``lsgm 0.1.0`` plus the commit of the checkout the package runs from (``git rev-parse HEAD``), if any."""
+    from lsgm import __version__
+    from lsgm.provenance import git_commit
+
+    commit = git_commit()
+    return f"lsgm {__version__}" + (f" (commit {commit})" if commit else " (not a git checkout)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lsgm`` argument parser (one sub-command per pipeline stage)."""
     p = argparse.ArgumentParser(prog="lsgm", description="LSGM: score-based generative modeling in latent space")
+    p.add_argument("--version", action="version", version=version_text())
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def add(name: str, fn, help_: str) -> argparse.ArgumentParser:
@@ -203,9 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def exp(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("experiment", help="experiment name from params/experiments.yaml, or a params YAML file")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
 
     def roots(sp: argparse.ArgumentParser, data: bool = True) -> None:
         sp.add_argument("--run-root", default=str(RUNS_ROOT), help=f"where run directories live (default: {RUNS_ROOT})")
+        sp.add_argument("--metrics-root", default=None,
+                        help=f"where the headline metric files go (default: {HEADLINE_ROOT} for the default --run-root, "
+                             f"else RUN_ROOT/../{HEADLINE_ROOT})")
         if data:
             sp.add_argument("--data-root", default=str(PREPARED_ROOT),
                             help=f"prepared datasets (default: {PREPARED_ROOT})")
@@ -304,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run-root", default=str(RUNS_ROOT))
     sp.add_argument("--out-dir", default="reports")
 
-    sp = add("report", _cmd_report, "write reports/results.{md,csv} (with the small-scale checks) and figures")
+    sp = add("report", _cmd_report, "write reports/results.{md,csv,html}, checks.{md,html}, figures and captions")
     sp.add_argument("--run-root", default=str(RUNS_ROOT))
+    sp.add_argument("--data-root", default=str(PREPARED_ROOT), help="prepared datasets (real images beside samples)")
     sp.add_argument("--out-dir", default="reports")
     sp.add_argument("--experiments", nargs="*", default=None, help="default: every experiment in the matrix")
     return p

@@ -2,8 +2,16 @@
 
 One experiment = one YAML file under ``params/`` (listed in ``params/experiments.yaml``). A file may name
 shared fragments under ``extends:`` (merged first, in order, then the file itself on top), so that no value is
-written twice. Loading rejects unknown keys (with a close-match suggestion), wrong types and out-of-range values
-with one message naming the file, the key path, the bad value and what is allowed.
+written twice. Two override layers go on top, in this order:
+
+* ``params.yaml`` (:data:`OVERRIDES_FILE`, repo root): per-experiment overrides, ``EXP: {section: {key: value}}``.
+  It is DVC's default params file, so ``dvc exp run -S '++digits.sampling.ode_tol=1e-3'`` edits it; every tool
+  (Snakemake, DVC, ``lsgm`` by hand) sees the same merged config.
+* ``--set KEY=VALUE`` on the command line (``lsgm VERB EXP --set sampling.ode_tol=1e-3``), for ad-hoc runs; recorded
+  in the config itself (``cli_overrides``), so every resolved config and hash carries it.
+
+Loading rejects unknown keys (with a close-match suggestion), wrong types and out-of-range values with one message
+naming the file (or the override) that wrote the bad value, the key path, the bad value and what is allowed.
 
 Spec references: §9 (per-dataset hyper-parameters), §4.6–4.7 (stage-2 optimisers, KL annealing), §1.8 (stage 1).
 """
@@ -63,10 +71,15 @@ __all__ = [
     "default_experiments",
     "config_to_dict",
     "config_hash",
+    "experiment_hash",
+    "set_args_text",
     "dump_config",
     "write_resolved_config",
     "RESOLVED_PARAMS",
     "resolved_params_file",
+    "OVERRIDES_FILE",
+    "parse_set",
+    "read_overrides",
 ]
 
 
@@ -500,6 +513,8 @@ class ExperimentConfig:
     sample_runs: tuple[SampleRunConfig, ...] = ()
     claims: ClaimsConfig = field(default_factory=ClaimsConfig)
     seed_offset: int = _f(0, lo=0, doc="added to every seed (a derived experiment NAME_seedK has K)")
+    #: the ``--set KEY=VALUE`` overrides this config was loaded with (a record: already merged into the values)
+    cli_overrides: tuple[str, ...] = ()
 
     @property
     def final_prior_stage(self) -> str:
@@ -758,45 +773,75 @@ def _apply_prior_defaults(raw: dict, where: str, sources: dict[str, str] | None 
                     sources.setdefault(f"prior.{stage}.{key}", sources.get(f"prior_defaults.{key}", where))
 
 
-def _source_of(message: str, where: str, sources: dict[str, str]) -> str:
-    """The file that wrote the key a ``<where>.<key> ...`` message is about (longest key prefix set by a file)."""
-    m = re.match(r"[A-Za-z0-9_.]+", message[len(where) + 1:])
+def _source_of(key_msg: str, sources: dict[str, str]) -> str | None:
+    """The file that wrote the key a ``section.key ...`` message is about (longest key prefix set by a file)."""
+    m = re.match(r"[A-Za-z0-9_.]+", key_msg)
     parts = m.group(0).rstrip(".").split(".") if m else []
     for n in range(len(parts), 0, -1):
         src = sources.get(".".join(parts[:n]))
         if src is not None:
             return src
-    return where
+    return None
 
 
-def load_config(path: str | os.PathLike, name: str | None = None) -> ExperimentConfig:
+def load_config(path: str | os.PathLike, name: str | None = None,
+                overrides: typing.Sequence[tuple[str, dict]] = ()) -> ExperimentConfig:
     """Load, merge and validate one experiment file.
 
     Args:
         path: the experiment's YAML file (e.g. ``params/cifar10_best_fid.yaml``).
         name: experiment name; default: the file's stem.
+        overrides: ``(source, nested mapping)`` layers merged on top of the file, in order (``params.yaml``'s entry
+            of the experiment, then each ``--set``); an error in a value they set names ``source``.
 
     Raises:
-        ConfigError: naming the file, key path, bad value and what is allowed.
+        ConfigError: naming the file (or override) that wrote the bad value, key path, value and what is allowed.
     """
     path = Path(path)
     sources: dict[str, str] = {}
     raw = _resolve_raw(path, sources=sources)
+    for source, layer in overrides:
+        if "name" in layer:
+            source = source.replace(_OVERRIDE_ENTRY, ": ")
+            raise ConfigError(f"{source}: name: cannot be overridden (it names the run directory); allowed: any other "
+                              "key of the experiment's config")
+        sources.update({key: source for key in _key_paths(layer)})
+        raw = _deep_merge(raw, layer)
     _apply_prior_defaults(raw, str(path), sources)
     raw.setdefault("name", name or path.stem)
     raw.setdefault("description", "")
+    cli = [src[len(_SET_PREFIX):] for src, _ in overrides if src.startswith(_SET_PREFIX)]
+    if cli:
+        raw["cli_overrides"] = list(raw.get("cli_overrides") or []) + cli
     where = str(path)
     try:
         cfg = _build(ExperimentConfig, raw, where)
-    except ConfigError as exc:  # keys are reported as "<file>.section.key": make that "<file>: section.key"
-        msg = str(exc)
-        if msg.startswith(where + "."):  # name the file that wrote the bad value (a fragment, or the file itself)
-            source = _source_of(msg, where, sources)
-            used_by = f" (inherited by {where})" if source != where else ""
-            msg = f"{source}: {msg[len(where) + 1:]}{used_by}"
-        raise ConfigError(msg) from None
-    _cross_check(cfg, where)
+        _cross_check(cfg, where)
+    except ConfigError as exc:
+        raise ConfigError(_name_the_source(str(exc), where, sources)) from None
     return cfg
+
+
+def _name_the_source(msg: str, where: str, sources: dict[str, str]) -> str:
+    """``<file>.section.key ...`` / ``<file>: section.key ...`` -> the same message led by the file (fragment,
+    ``params.yaml`` entry or ``--set``) that wrote the value, and which experiment file it applies to."""
+    for sep in (".", ": "):
+        if msg.startswith(where + sep):
+            break
+    else:
+        return msg
+    key_msg = msg[len(where) + len(sep):]
+    source = _source_of(key_msg, sources)
+    if source is None:
+        return f"{where}: {key_msg}"
+    if source.startswith(_SET_PREFIX):
+        return f"{source}: {key_msg} (overriding {where})"
+    if _OVERRIDE_ENTRY in source:  # params.yaml: name the key as it is spelt there (EXP.section.key)
+        file, exp = source.split(_OVERRIDE_ENTRY)
+        return f"{file}: {exp}.{key_msg} (overriding {where})"
+    if source == where:
+        return f"{where}: {key_msg}"
+    return f"{source}: {key_msg} (inherited by {where})"
 
 
 def _cross_check(cfg: ExperimentConfig, where: str) -> None:
@@ -951,15 +996,82 @@ def experiment_file(name: str, root: Path | None = None) -> Path:
     return root / rel
 
 
-def load_experiment(name_or_path: str, root: Path | None = None) -> ExperimentConfig:
-    """Load an experiment by name (looked up in the matrix) or by the path of a YAML file."""
+#: per-experiment overrides (repo-relative): DVC's default params file, so ``dvc exp run -S '++EXP.KEY=VALUE'`` edits it
+OVERRIDES_FILE = "params.yaml"
+_SET_PREFIX = "--set "
+_OVERRIDE_ENTRY = " :: "  # source label of a params.yaml entry: "<file> :: <experiment>"
+
+
+def parse_set(text: str) -> tuple[str, dict]:
+    """One ``--set KEY=VALUE`` -> ``(source, nested mapping)``; VALUE is read as YAML (``1e-3``, ``true``, ``[1, 2]``).
+
+    Raises:
+        ConfigError: not ``KEY=VALUE`` with a dotted key path, or a VALUE that is not YAML.
+    """
+    key, sep, value = text.partition("=")
+    source = f"{_SET_PREFIX}{text}"
+    parts = key.strip().split(".")
+    if not sep or not all(re.fullmatch(r"[A-Za-z0-9_]+", p) for p in parts):
+        raise ConfigError(f"{source}: allowed: KEY=VALUE with KEY a dotted path into the experiment's config, "
+                          "e.g. --set sampling.ode_tol=1e-3 (see `lsgm config show EXP`)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: VALUE is not valid YAML ({exc.problem}); allowed: a number, true/false, a "
+                          "string or a [list]") from None
+    layer: Any = parsed
+    for part in reversed(parts):
+        layer = {part: layer}
+    return source, layer
+
+
+def read_overrides(root: Path | None = None) -> dict[str, dict]:
+    """``params.yaml`` (:data:`OVERRIDES_FILE`): experiment -> its override mapping (``{}`` when none; the file may
+    be absent). Every top-level key must name an experiment of the matrix."""
+    root = root or _repo_root()
+    path = root / OVERRIDES_FILE
+    if not path.is_file():
+        return {}
+    raw = _read_yaml(path)
+    names = list(_matrix(root)[1])
+    out: dict[str, dict] = {}
+    for exp, layer in raw.items():
+        if exp not in names:
+            close = difflib.get_close_matches(str(exp), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{path}: {exp}: unknown experiment {exp!r}{hint} (allowed: {', '.join(names)})")
+        if layer is None:
+            layer = {}
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{path}: {exp} = {layer!r} has the wrong type; allowed: a mapping of config keys "
+                              "(e.g. {sampling: {ode_tol: 0.001}}) or {}")
+        out[str(exp)] = layer
+    return out
+
+
+def load_experiment(name_or_path: str, root: Path | None = None, set_args: typing.Sequence[str] = ()) -> ExperimentConfig:
+    """Load an experiment by name (looked up in the matrix) or by the path of a YAML file.
+
+    Args:
+        name_or_path: experiment name from ``params/experiments.yaml`` or the path of a params YAML file.
+        root: repository root (default: ``$LSGM_ROOT`` or the working directory).
+        set_args: ``KEY=VALUE`` overrides (``--set``), applied last.
+
+    A named experiment also gets its entry of ``params.yaml`` (:data:`OVERRIDES_FILE`), before ``set_args``.
+    """
+    layers = [parse_set(a) for a in set_args]
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
-        return load_config(p)
+        return load_config(p, overrides=layers)
     base, k = split_seed(name_or_path, root)
-    cfg = load_config(experiment_file(base, root), name=name_or_path)
+    path = experiment_file(base, root)
+    file_layer = read_overrides(root).get(base) or {}  # a derived NAME_seedK shares NAME's entry
+    if file_layer:
+        label = f"{(root or _repo_root()) / OVERRIDES_FILE}{_OVERRIDE_ENTRY}{base}"
+        layers = [(label, file_layer)] + layers
+    cfg = load_config(path, name=name_or_path, overrides=layers)
     if k and cfg.seed_offset:
-        raise ConfigError(f"{experiment_file(base, root)}: seed_offset is set in the file; a derived experiment "
+        raise ConfigError(f"{path}: seed_offset is set in the file; a derived experiment "
                           f"{name_or_path!r} cannot add another; allowed: leave seed_offset out")
     return with_seed_offset(cfg, k)
 
@@ -994,6 +1106,21 @@ def config_hash(section: Any) -> str:
     """Short stable hash of a config (section), for provenance columns."""
     blob = json.dumps(config_to_dict(section), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def experiment_hash(cfg: ExperimentConfig) -> str:
+    """ONE hash per run: :func:`config_hash` of the whole resolved config (every section, overrides merged; the
+    description and the record of ``--set`` left out). Every output JSON of every stage carries the same value,
+    beside ``params_hash`` (the sections that stage reads)."""
+    return config_hash({k: v for k, v in config_to_dict(cfg).items() if k not in ("description", "cli_overrides")})
+
+
+def set_args_text(cfg: ExperimentConfig) -> str:
+    """`` --set K=V ...`` of a config loaded with ``--set`` (empty otherwise): appended to the ``command`` that
+    output JSONs record, so the command reproduces the run."""
+    import shlex
+
+    return "".join(f" --set {shlex.quote(a)}" for a in cfg.cli_overrides)
 
 
 def write_resolved_config(cfg: ExperimentConfig, path: str | os.PathLike) -> Path:

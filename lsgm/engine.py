@@ -39,14 +39,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lsgm.atomic import atomic_write_json
+from lsgm.atomic import atomic_write_json, atomic_write_text
 from lsgm.checkpoint import CheckpointManager, nonfinite_entries
 from lsgm.choices import WEIGHT_DECAY_MODES, check_choice
-from lsgm.config import EngineConfig, ExperimentConfig, config_hash, write_resolved_config
+from lsgm.config import EngineConfig, ExperimentConfig, config_hash, experiment_hash, write_resolved_config
 from lsgm.data.loader import BatchIterator, PreparedSplit, load_split, to_model_input
 from lsgm.device import resolve_device
 from lsgm.ema import EMA
 from lsgm.errors import LsgmError
+from lsgm.provenance import peak_rss_mb
 from lsgm.runs import RunLayout
 
 log = logging.getLogger("lsgm.engine")
@@ -54,7 +55,8 @@ log = logging.getLogger("lsgm.engine")
 __all__ = [
     "BatchPlan", "DistContext", "adam_with_schedule", "NAN_REMEDIES", "NonFiniteError", "TooManyNaNs", "TrainLoop", "allreduce_grads",
     "cosine_lr", "grad_norm", "host_floats", "keep_cpu_heap", "lr_at", "make_adam", "prepare_batchnorm",
-    "StageStart", "add_reg", "already_finished", "finish_stage", "prepare_rerun", "setup_distributed",
+    "StageStart", "add_reg", "already_finished", "finish_stage", "prepare_rerun", "setup_distributed", "skip_finished",
+    "write_train_headline",
     "setup_logging", "start_stage", "step_time_stats",
 ]
 
@@ -560,33 +562,55 @@ class TrainLoop:
                               f"{NAN_REMEDIES}")
         self.load_state_dict(found[1])
         self.nan_failures, self.lr_factor = failures, factor  # the remedy survives the rollback
+        self.rewind_live()  # the steps after the checkpoint are replayed
         log.error("NaN guard: %s at step %d; rolled back to step %d, learning rates x%g (now x%g), failure %d/%d",
                   exc, bad_step, self.step, self.engine.nan_lr_factor, factor, failures,
                   self.engine.max_nan_failures)
         self.log_metrics({"nan_rollback_to_step": float(self.step), "lr_factor": factor})
 
     def open_live(self, resumed: bool) -> None:
+        """DVCLive logs of this stage (rank 0). A resumed run first drops the rows logged after its checkpoint, so the
+        history holds each optimiser step once."""
         if not self.ctx.is_main:
             return
         from dvclive import Live
 
+        if resumed:
+            self.rewind_live()
         self.live = Live(dir=str(self.layout.dvclive(self.stage)), resume=resumed, save_dvc_exp=False, dvcyaml=None,
                          report=None)
 
+    def rewind_live(self) -> None:
+        """Drop DVCLive history rows with ``step`` > the current step (logged after the checkpoint resumed from)."""
+        if not self.ctx.is_main:
+            return
+        for tsv in sorted((self.layout.dvclive(self.stage) / "plots" / "metrics").rglob("*.tsv")):
+            lines = tsv.read_text().splitlines(keepends=True)
+            if not lines:
+                continue
+            col = lines[0].rstrip("\n").split("\t").index("step") if "step" in lines[0].split("\t") else None
+            if col is None:
+                continue
+            keep = [ln for ln in lines[1:] if ln.strip() and int(float(ln.split("\t")[col])) <= self.step]
+            if len(keep) != len(lines) - 1:
+                atomic_write_text(tsv, "".join(lines[:1] + keep))
+
     def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Log one row per metric at x = the optimiser step (steps completed), then write DVCLive's summary."""
         if self.live is None:
             return
+        self.live.step = self.step
         for k, v in metrics.items():
             if v is not None and math.isfinite(v):
                 self.live.log_metric(k, v)
+        self.live.sync()
 
     def end_step(self, metrics: dict[str, float], end: int, bar: Any) -> None:
         """After a successful step: log, checkpoint when due, and on a pending signal checkpoint and exit."""
         if self.step % self.engine.log_every_steps == 0 or self.step == end:
-            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "nelbo_nats", "p_loss")})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "nelbo_nats", "p_loss")},
+                            refresh=False)
             self.log_metrics(metrics)
-            if self.live is not None:
-                self.live.next_step()
         due_time = time.monotonic() - self._last_ckpt_time > 60 * self.engine.checkpoint_every_minutes
         if self.step % self.engine.checkpoint_every_steps == 0 or due_time or self.step == end:
             self.save_checkpoint()
@@ -600,7 +624,7 @@ class TrainLoop:
     def run(self, step_fn: Callable[[int], dict[str, float]], *, max_steps: Optional[int] = None,
             on_start: Optional[Callable[[], None]] = None) -> dict[str, float]:
         """Run ``step_fn(step)`` from the resumed step to the end of the schedule (or ``max_steps``)."""
-        from tqdm import tqdm
+        from lsgm.progress import progress
 
         self.install_signal_handlers()
         resumed = self.resume_or_start()
@@ -613,8 +637,8 @@ class TrainLoop:
             self.save_checkpoint()  # step 0: the NaN guard always has something to roll back to
         self.open_live(resumed)
         end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
-        bar = tqdm(total=end, initial=self.step, disable=not self.ctx.is_main, desc=f"{self.cfg.name}/{self.stage}",
-                   mininterval=1.0 if sys.stderr.isatty() else 15.0, dynamic_ncols=True, file=sys.stderr)
+        bar = progress(end, f"{self.cfg.name}/{self.stage}", unit="step", initial=self.step,
+                       disable=not self.ctx.is_main)
         try:
             while self.step < end:
                 lrs = self.set_learning_rates()
@@ -626,7 +650,10 @@ class TrainLoop:
                     self.step += 1
                     bar.update(1)
                     metrics.update({f"lr_{k}": v for k, v in lrs.items()})
-                    self.last_metrics = metrics
+                    # a step the fp16 GradScaler skipped has an inf gradient norm by design: the checkpointed
+                    # metrics keep finite values only, so such a state is not mistaken for a diverged one
+                    self.last_metrics = {k: v for k, v in metrics.items()
+                                         if not isinstance(v, float) or math.isfinite(v)}
                     self.end_step(metrics, end, bar)  # a checkpoint of a non-finite state raises here: roll back
                 except NonFiniteError as exc:
                     self._rollback(exc)
@@ -646,8 +673,16 @@ class TrainLoop:
 
 
 # --------------------------------------------------------------------------------------------- stage lifecycle
+def write_train_headline(cfg: ExperimentConfig, layout: RunLayout, stage: str, metrics_root: Optional[Path]) -> None:
+    """``metrics/<exp>/train_<stage>.json`` from the stage's ``metrics.json`` (lsgm.headline)."""
+    from lsgm.headline import headline_layout, training_headline, write_headline
+
+    summary = json.loads(layout.metrics(stage).read_text())
+    write_headline(headline_layout(cfg.name, layout.root, metrics_root).train(stage), training_headline(summary))
+
+
 def finish_stage(cfg: ExperimentConfig, stage: str, start: StageStart, loop: TrainLoop, last: dict[str, float],
-                  **modules: Any) -> Path:
+                 metrics_root: Optional[Path] = None, **modules: Any) -> Path:
     """Rank 0 writes ``model.pt`` (with the run's config hash) and ``metrics.json``; every rank leaves the group.
 
     ``last`` and the step times come from the loop's state, which checkpoints carry: a rerun after a kill between
@@ -663,13 +698,26 @@ def finish_stage(cfg: ExperimentConfig, stage: str, start: StageStart, loop: Tra
             "global_batch": start.plan.global_batch, "per_process_batch": start.plan.micro_batch,
             "processes": start.ctx.world_size, "accumulation": start.plan.accumulation,
             "nan_failures": loop.nan_failures, "lr_factor": loop.lr_factor, "precision": cfg.engine.precision,
-            "device": start.ctx.device.type, "run_hash": loop.config_hash,
+            "device": start.ctx.device.type, "run_hash": loop.config_hash, "experiment_hash": experiment_hash(cfg),
             "final": {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)},
-            "step_seconds": step_time_stats(loop.step_seconds), **loop.seconds(),
+            "step_seconds": step_time_stats(loop.step_seconds), **loop.seconds(), "peak_rss_mb": peak_rss_mb(),
         }
         atomic_write_json(start.layout.metrics(stage), summary, sort_keys=True)
+        write_train_headline(cfg, start.layout, stage, metrics_root)
     start.ctx.close()
     return path
+
+
+def skip_finished(cfg: ExperimentConfig, stage: str, start: StageStart, run_hash: str, retrain: bool, end: int,
+                  metrics_root: Optional[Path] = None) -> bool:
+    """:func:`prepare_rerun`; for a stage that is already finished also (re)write its headline file and leave the
+    process group: the caller returns ``start.layout.model(stage)``."""
+    if not prepare_rerun(start.layout, stage, run_hash, retrain, end):
+        return False
+    if start.ctx.is_main:
+        write_train_headline(cfg, start.layout, stage, metrics_root)
+    start.ctx.close()
+    return True
 
 
 def already_finished(layout: RunLayout, stage: str, run_hash: str, end: int) -> bool:

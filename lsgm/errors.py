@@ -34,7 +34,7 @@ _HINTS = {
     errno.EDQUOT: "the disk quota is exceeded: free space and rerun the same command",
     errno.EROFS: "the file system is read-only: run from a writable checkout (or point --run-root / --out-dir at one)",
     errno.EACCES: "permission denied: check the owner and mode of the file and its folder "
-                  "(DVC-cached outputs are read-only links: `dvc unprotect PATH` before editing one)",
+                  "(outputs DVC restored are plain copies you own; the DVC cache under .dvc/cache is read-only)",
     errno.EPERM: "operation not permitted: check the owner and mode of the file and its folder",
 }
 

@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lsgm.atomic import atomic_path, atomic_write_json
-from lsgm.config import ExperimentConfig, SampleRunConfig, config_hash, write_resolved_config
+from lsgm.config import (ExperimentConfig, SampleRunConfig, config_hash, experiment_hash, set_args_text,
+                         write_resolved_config)
 from lsgm.device import resolve_device
-from lsgm.provenance import git_commit, sha256_or_none
+from lsgm.headline import headline_layout, nll_headline, sample_headline, write_headline
+from lsgm.progress import progress
+from lsgm.provenance import git_commit, peak_rss_mb, sha256_or_none
 from lsgm.runs import DATA_SGM_STAGE, RunLayout, prepared_dir
 from lsgm.stats import bits_per_dim, mean_and_stderr
 
@@ -67,7 +69,7 @@ def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
 
 
 def save_image_grid(images: np.ndarray | torch.Tensor, path: str | os.PathLike, nrow: int, pad: int = 1) -> Path:
-    """Save up to ``nrow²`` uint8 images (N, C, H, W) as a PNG grid (white padding).
+    """Save up to ``nrow²`` uint8 images (N, C, H, W) as a PNG grid (white padding; :func:`lsgm.figures.image_grid`).
 
     Args:
         images: uint8 (N, C, H, W), C in {1, 3}.
@@ -77,20 +79,12 @@ def save_image_grid(images: np.ndarray | torch.Tensor, path: str | os.PathLike, 
     """
     from PIL import Image
 
-    imgs = np.asarray(images)
-    if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[1] not in (1, 3):
-        raise ValueError(f"images must be uint8 (N, C, H, W) with C in (1, 3), got {imgs.dtype} {imgs.shape}")
-    imgs = imgs[: nrow * nrow]
-    n, c, h, w = imgs.shape
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(imgs):
-        r, col = divmod(i, nrow)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y:y + h, x:x + w] = img.transpose(1, 2, 0)
+    from lsgm.figures import image_grid
+
+    grid = image_grid(np.asarray(images), nrow=nrow, pad=pad)
     path = Path(path)
     with atomic_path(path) as tmp:
-        Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
+        Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(tmp, format="PNG")
     return path
 
 
@@ -136,7 +130,7 @@ def data_to_uint8(y: torch.Tensor, max_value: int = 255) -> torch.Tensor:
 
 
 def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int | None = None,
-                      run: SampleRunConfig | None = None) -> dict[str, Any]:
+                      run: SampleRunConfig | None = None, metrics_root: Path | None = None) -> dict[str, Any]:
     """``lsgm sample``: samples of one sampling run (docs/algorithm.md §6): by default the final prior stage's
     probability-flow ODE (``sampling``); ``run`` picks another model, the ancestral sampler or another tolerance.
 
@@ -148,9 +142,10 @@ def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int
         run_root: runs root (``data/runs``).
         num_samples: override ``sampling.num_samples``.
         run: the sampling run (default: ``SampleRunConfig()``, the final prior stage's ODE).
+        metrics_root: where the headline file goes (:func:`lsgm.headline.headline_root`).
 
     Returns:
-        The dict written to ``sample_stats.json``.
+        The dict written to ``sample_stats.json`` (its headline numbers also to ``metrics/<exp>/sample.json``).
     """
     sc = cfg.sampling
     run = run or SampleRunConfig()
@@ -159,6 +154,7 @@ def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int
     n = int(num_samples) if num_samples is not None else (run.num_samples or sc.num_samples)
     if n < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples!r}")
+    t_start = time.perf_counter()
     device = resolve_device(cfg.engine.device)
     path, m = _load(cfg, Path(run_root), run.model, device, sc.use_ema)
     generator = torch.Generator(device=device).manual_seed(sc.seed)
@@ -167,7 +163,7 @@ def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int
     images, nfes, seconds = [], [], []
     if not data_space:
         m.vae.train(sc.vae_train_mode)  # CelebA FID decodes with batch statistics (docs/algorithm.md §6.1 step 5)
-    with tqdm(total=n, desc=f"sample {cfg.name} {tag or run.model}", unit="img") as bar:
+    with progress(n, f"sample {cfg.name} {tag or run.model}", unit="img") as bar:
         while len(images) * sc.batch_size < n:
             b = min(sc.batch_size, n - len(images) * sc.batch_size)
             res = _sample_batch(m, run, (b, *shape), sc, tol, generator, device)
@@ -179,8 +175,8 @@ def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int
                     images.append(to_uint8_images(m.vae.decoder_mean(params)).cpu())
             nfes.append(int(res.nfe))
             seconds.append(float(res.seconds))
+            bar.set_postfix(nfe=res.nfe, refresh=False)
             bar.update(b)
-            bar.set_postfix(nfe=res.nfe)
     if not data_space:
         m.vae.eval()
     samples = torch.cat(images).numpy()
@@ -198,13 +194,20 @@ def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int
         "steps": run.steps if run.sampler == "ancestral" else None,
         "ode_eps": sc.ode_eps, "tol": tol, "temperature": sc.temperature,
         "vae_temperature": sc.vae_temperature, "method": sc.method, "vae_train_mode": sc.vae_train_mode,
-        "seed": sc.seed, "checkpoint": str(path), "checkpoint_step": m.step, "stage": m.stage,
-        "use_ema": sc.use_ema, "device": str(device), "dtype": "float32",
-        "commit": git_commit(), "params_hash": config_hash({"sampling": sc, "vae": cfg.vae, "prior": cfg.prior}),
+        "seed": sc.seed, "grid_size": sc.grid_size, "checkpoint": str(path), "checkpoint_step": m.step,
+        "stage": m.stage, "use_ema": sc.use_ema, "device": str(device), "dtype": "float32",
+        "commit": git_commit(), "experiment_hash": experiment_hash(cfg),
+        "params_hash": config_hash({"sampling": sc, "vae": cfg.vae, "prior": cfg.prior}),
+        "params_hash_covers": "sampling, vae, prior",
         "command": f"lsgm sample {cfg.name} --run-root {run_root}"
-                   + (f" --run {tag}" if tag else "") + (f" --num-samples {n}" if num_samples is not None else ""),
+                   + (f" --run {tag}" if tag else "") + (f" --num-samples {n}" if num_samples is not None else "")
+                   + set_args_text(cfg),
+        "seconds_total": time.perf_counter() - t_start,
+        "seconds_total_meaning": "wall time of the stage: model loading, every ODE solve, decoding",
+        "peak_rss_mb": peak_rss_mb(),
     }
     atomic_write_json(layout.run_stats(tag), stats)
+    write_headline(headline_layout(cfg.name, run_root, metrics_root).sample_run(tag), sample_headline(stats))
     print(f"{n} samples, NFE {nfe_mean:.1f} ± {nfe_std:.1f} per batch -> {layout.run_dir(tag)}")
     return stats
 
@@ -260,7 +263,8 @@ def _eval_images(cfg: ExperimentConfig, data_root: Path):
     return split, n
 
 
-def eval_nll_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Path, model: str) -> dict[str, Any]:
+def eval_nll_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Path, model: str,
+                        metrics_root: Path | None = None) -> dict[str, Any]:
     """``lsgm eval-nll``: the NLL bound on the evaluation split (docs/algorithm.md §7.1); writes ``eval/nll_<model>.json``.
 
     Args:
@@ -271,9 +275,10 @@ def eval_nll_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Pat
             stage's name (its SGM by the ODE; a ``prior_kind: normal`` stage with its Normal prior), or
             ``"data_sgm"`` (the data-space score model: ODE likelihood of dequantised images, see
             :func:`data_sgm_nll_terms`).
+        metrics_root: where the headline file goes (:func:`lsgm.headline.headline_root`).
 
     Returns:
-        The dict written to the JSON file.
+        The dict written to the JSON file (its headline numbers also to ``metrics/<exp>/nll_<model>.json``).
     """
     from lsgm.data.loader import to_model_input
     from lsgm.likelihood import ode_nll
@@ -286,7 +291,7 @@ def eval_nll_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Pat
         if cfg.data_sgm is not None and cfg.data_sgm.eval_images is not None:
             n = min(n, cfg.data_sgm.eval_images)
         return _eval_nll_data_sgm(cfg, run_root=Path(run_root), data_root=Path(data_root), model=model, path=path,
-                                  m=m, split=split, n=n, device=device)
+                                  m=m, split=split, n=n, device=device, metrics_root=metrics_root)
     data_gen = torch.Generator().manual_seed(ec.seed)  # binarisation draws (CPU, like the uint8 images)
     enc_gen = torch.Generator(device=device).manual_seed(ec.seed + 1)  # encoder noise
     probe_gen = torch.Generator(device=device).manual_seed(ec.seed + 2)  # Hutchinson probes
@@ -303,7 +308,7 @@ def eval_nll_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Pat
     terms_all: dict[str, np.ndarray] = {}
     start = time.perf_counter()
     batches = [torch.arange(i, min(i + ec.batch_size, n)) for i in range(0, n, ec.batch_size)]
-    with tqdm(total=draws * n * k_iw, desc=f"eval-nll {cfg.name} ({model})", unit="img") as bar:
+    with progress(draws * n * k_iw, f"eval-nll {cfg.name} ({model})", unit="img") as bar:
         for d in range(draws):
             for idx in batches:
                 x = to_model_input(split, idx, cfg.data, data_gen, device, flip=False)
@@ -313,14 +318,16 @@ def eval_nll_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Pat
                         nfes.append(nfe)
                     for key, val in terms.items():
                         terms_all.setdefault(key, np.zeros((draws, n, k_iw)))[d, idx.numpy(), k] = val.numpy()
-                    bar.update(len(idx))
                     if nfes:
-                        bar.set_postfix(nfe=nfes[-1])
+                        bar.set_postfix(nfe=nfes[-1], refresh=False)
+                    bar.update(len(idx))
     result = _summarise_nll(cfg, terms_all, k_iw)
     result.update(_nll_protocol(cfg, model, path, m, Path(run_root), Path(data_root), n, draws, nfes, device))
     result["seconds"] = time.perf_counter() - start
+    result["peak_rss_mb"] = peak_rss_mb()
     out = RunLayout(run_root, cfg.name).nll(model)
     atomic_write_json(out, result)
+    write_headline(headline_layout(cfg.name, run_root, metrics_root).nll(model), nll_headline(result))
     print(f"{model} NLL {result['nll_nats']:.3f} ± {result['nll_nats_stderr'] or float('nan'):.3f} nats "
           f"({result['bits_per_dim']:.4f} bits/dim, D={result['num_dims']}) -> {out}")
     return result
@@ -372,9 +379,11 @@ def _nll_protocol(cfg: ExperimentConfig, model: str, path: Path, m, run_root: Pa
         "batch_size": ec.batch_size, "seed": ec.seed,
         "checkpoint": str(path), "checkpoint_step": m.step, "stage": m.stage,
         "use_ema": bool(ec.use_ema and m.prior is not None), "device": str(device), "dtype": "float32",
-        "commit": git_commit(), "params_hash": config_hash(sections),
+        "commit": git_commit(), "experiment_hash": experiment_hash(cfg), "params_hash": config_hash(sections),
+        "params_hash_covers": ", ".join(sections),
         "data_manifest_sha256": sha256_or_none(prepared_dir(cfg.data.dataset, data_root) / "manifest.json"),
-        "command": f"lsgm eval-nll {cfg.name} --model {model} --run-root {run_root} --data-root {data_root}",
+        "command": f"lsgm eval-nll {cfg.name} --model {model} --run-root {run_root} --data-root {data_root}"
+                   + set_args_text(cfg),
     }
     if m.prior is not None:
         proto.update(ode_eps=ec.ode_eps, tol=ec.ode_tol, method=ec.method, trace=ec.trace, probe=ec.probe,
@@ -409,7 +418,7 @@ def data_sgm_nll_terms(prior, sde, y: torch.Tensor, ec, *, levels: int, generato
 
 
 def _eval_nll_data_sgm(cfg: ExperimentConfig, *, run_root: Path, data_root: Path, model: str, path: Path, m,
-                       split, n: int, device: torch.device) -> dict[str, Any]:
+                       split, n: int, device: torch.device, metrics_root: Path | None) -> dict[str, Any]:
     """``lsgm eval-nll EXP --model data_sgm``: the dequantisation bound of :func:`data_sgm_nll_terms` per test image."""
     from lsgm.data.loader import to_model_input
 
@@ -418,15 +427,15 @@ def _eval_nll_data_sgm(cfg: ExperimentConfig, *, run_root: Path, data_root: Path
     probe_gen = torch.Generator(device=device).manual_seed(ec.seed + 2)
     per_image, ode, nfes = np.zeros(n), np.zeros(n), []
     start = time.perf_counter()
-    with tqdm(total=n, desc=f"eval-nll {cfg.name} ({model})", unit="img") as bar:
+    with progress(n, f"eval-nll {cfg.name} ({model})", unit="img") as bar:
         for i in range(0, n, ec.batch_size):
             idx = torch.arange(i, min(i + ec.batch_size, n))
             y = to_model_input(split, idx, cfg.data, data_gen, device, flip=False, dequantize=True)
             terms, nfe = data_sgm_nll_terms(m.prior, m.sde, y, ec, levels=split.max_value + 1, generator=probe_gen)
             per_image[idx.numpy()], ode[idx.numpy()] = terms["nelbo"].numpy(), terms["ode_nll"].numpy()
             nfes.append(nfe)
+            bar.set_postfix(nfe=nfe, refresh=False)
             bar.update(len(idx))
-            bar.set_postfix(nfe=nfe)
     d = cfg.data.likelihood_dims
     mean, se = mean_and_stderr(per_image)
     result: dict[str, Any] = {
@@ -440,15 +449,19 @@ def _eval_nll_data_sgm(cfg: ExperimentConfig, *, run_root: Path, data_root: Path
         "split": cfg.data.eval_split, "dataset": cfg.data.dataset, "binarized": False, "binarization_draws": 1,
         "num_iw_samples": 1, "batch_size": ec.batch_size, "seed": ec.seed, "checkpoint": str(path),
         "checkpoint_step": m.step, "stage": m.stage, "use_ema": bool(ec.use_ema), "device": str(device),
-        "dtype": "float32", "commit": git_commit(),
+        "dtype": "float32", "commit": git_commit(), "experiment_hash": experiment_hash(cfg),
         "params_hash": config_hash({"data": cfg.data, "data_sgm": cfg.data_sgm, "eval_nll": ec}),
+        "params_hash_covers": "data, data_sgm, eval_nll",
         "data_manifest_sha256": sha256_or_none(prepared_dir(cfg.data.dataset, data_root) / "manifest.json"),
-        "command": f"lsgm eval-nll {cfg.name} --model {model} --run-root {run_root} --data-root {data_root}",
+        "command": f"lsgm eval-nll {cfg.name} --model {model} --run-root {run_root} --data-root {data_root}"
+                   + set_args_text(cfg),
         "ode_eps": ec.ode_eps, "tol": ec.ode_tol, "method": ec.method, "trace": ec.trace, "probe": ec.probe,
         "num_probes": ec.num_probes, "probe_mode": ec.probe_mode, "nfe_mean": float(np.mean(nfes)),
         "nfe_std": float(np.std(nfes)), "nfe_per_batch": nfes, "seconds": time.perf_counter() - start,
+        "peak_rss_mb": peak_rss_mb(),
     }
     out = RunLayout(run_root, cfg.name).nll(model)
     atomic_write_json(out, result)
+    write_headline(headline_layout(cfg.name, run_root, metrics_root).nll(model), nll_headline(result))
     print(f"{model} NLL {mean:.3f} nats ({result['bits_per_dim']:.4f} bits/dim, D={d}) -> {out}")
     return result

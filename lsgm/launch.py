@@ -261,9 +261,21 @@ def add_launch_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("args", nargs=argparse.REMAINDER, help="further arguments of the stage's verb")
 
 
+def set_args_of(verb_args: Sequence[str]) -> list[str]:
+    """The ``--set KEY=VALUE`` values among a verb's arguments (``--set K=V`` or ``--set=K=V``): the launcher
+    loads the config with them too, so an overridden ``resources:`` value decides the layout."""
+    out, it = [], iter(verb_args)
+    for a in it:
+        if a == "--set":
+            out.append(next(it, ""))
+        elif a.startswith("--set="):
+            out.append(a[len("--set="):])
+    return out
+
+
 def run_launch(args: argparse.Namespace) -> int:
     """``lsgm launch``: load the experiment and :func:`launch` the stage."""
     stage_name(args.stage)  # a clear error before loading the config
-    cfg = load_experiment(args.experiment)
+    cfg = load_experiment(args.experiment, set_args=set_args_of(args.args))
     return launch(cfg, args.stage, args.experiment, args.args, dry_run=args.dry_run, port=args.port,
                   tasks_per_node=args.tasks_per_node, nodes=args.nodes, gpus_per_node=args.gpus_per_node)

@@ -30,9 +30,10 @@ from torch.utils.data import Dataset
 
 from lsgm.atomic import atomic_write_json
 from lsgm.checkpoint import atomic_torch_save
-from lsgm.config import ExperimentConfig, config_hash
+from lsgm.config import ExperimentConfig, config_hash, experiment_hash, set_args_text
+from lsgm.headline import fid_headline, headline_layout, write_headline
 from lsgm.device import resolve_device
-from lsgm.provenance import git_commit, sha256_file, sha256_or_none
+from lsgm.provenance import git_commit, peak_rss_mb, sha256_file, sha256_or_none
 from lsgm.runs import RunLayout, fid_stats_file, prepared_dir
 
 __all__ = [
@@ -328,7 +329,7 @@ def reference_statistics(cfg: ExperimentConfig, *, data_root: Path, out: Path) -
 
 
 def eval_fid_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Path,
-                        reference_stats: Optional[Path] = None) -> dict[str, Any]:
+                        reference_stats: Optional[Path] = None, metrics_root: Optional[Path] = None) -> dict[str, Any]:
     """``lsgm eval-fid``: FID/IS/KID of ``<run_root>/<exp>/sample/samples.npz``; writes ``eval/fid.json``.
 
     Args:
@@ -377,15 +378,17 @@ def eval_fid_experiment(cfg: ExperimentConfig, *, run_root: Path, data_root: Pat
         "samples_sha256": sha256_file(samples_path),
         "sampling": {k: sample_stats.get(k) for k in ("ode_eps", "tol", "temperature", "method", "seed",
                                                        "checkpoint", "use_ema", "nfe_mean")},
-        "seconds": time.perf_counter() - start,
-        "commit": git_commit(),
+        "seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(),
+        "commit": git_commit(), "experiment_hash": experiment_hash(cfg),
         "params_hash": config_hash({"data": cfg.data, "vae": cfg.vae, "prior": cfg.prior, "sampling": cfg.sampling,
                                     "eval_fid": cfg.eval_fid}),
+        "params_hash_covers": "data, vae, prior, sampling, eval_fid",
         "data_manifest_sha256": _manifest_sha256(data_root, cfg.data.dataset),
-        "command": f"lsgm eval-fid {cfg.name} --run-root {run_root} --data-root {data_root}",
+        "command": f"lsgm eval-fid {cfg.name} --run-root {run_root} --data-root {data_root}" + set_args_text(cfg),
     }
     out = layout.fid
     atomic_write_json(out, result)
+    write_headline(headline_layout(cfg.name, run_root, metrics_root).fid, fid_headline(result))
     print(f"FID {result['fid']:.4g} ({result['num_samples']} samples) -> {out}")
     return result
 

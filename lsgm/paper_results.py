@@ -15,7 +15,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["PaperResult", "PAPER_RESULTS", "METRIC_UNITS", "paper_results_for"]
+__all__ = ["PaperResult", "PAPER", "PAPER_RESULTS", "PAPER_TABLES", "METRIC_UNITS", "SOURCE_TAGS", "paper_results_for"]
+
+PAPER = ("Arash Vahdat, Karsten Kreis, Jan Kautz: Score-based Generative Modeling in Latent Space, NeurIPS 2021, "
+         "arXiv:2106.05931")
+"""The paper every ``table`` refers to (unless the table names another paper)."""
+
+PAPER_TABLES: dict[str, str] = {
+    "2": "Tab. 2 of the paper: CIFAR-10 (FID, NLL, NFE)",
+    "3": "Tab. 3 of the paper: CelebA-HQ-256 (FID, NLL, NFE)",
+    "4": "Tab. 4 of the paper: dynamically binarised OMNIGLOT (NLL)",
+    "5": "Tab. 5 of the paper: dynamically binarised MNIST (NLL)",
+    "9": "Tab. 9 of the paper: NFE and sampling time of the CIFAR-10 models",
+    "Fig. 4": "Fig. 4 of the paper: FID vs ODE tolerance / NFE on CelebA-HQ-256",
+    "Sec. 5.2": "Sec. 5.2 of the paper: ablations (small models)",
+    "(text)": "in the paper's text around it",
+    "DDGAN Tab. 1": "Tab. 1 of Xiao, Kreis, Vahdat, Tackling the Generative Learning Trilemma with Denoising Diffusion "
+                    "GANs, ICLR 2022 (LSGM re-measured there)",
+}
+"""What the ``table`` column's entries refer to (docs/algorithm.md §10, "Table numbering used in reports")."""
+
+SOURCE_TAGS: dict[str, str] = {
+    "P": "the paper's official project page",
+    "A": "public leaderboards that list results from the paper",
+    "T": "LSGM rows in tables of later papers",
+    "S": "a third-party summary of the paper, not verified against the PDF",
+    "M": "widely quoted for the paper, not yet checked against the PDF (to be confirmed)",
+}
+"""Provenance tags of the paper numbers (the ``source`` column), docs/algorithm.md §10."""
 
 METRIC_UNITS: dict[str, str] = {
     "fid": "FID",

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["git_commit", "sha256_file", "sha256_or_none"]
+__all__ = ["git_commit", "peak_rss_mb", "sha256_file", "sha256_or_none"]
 
 
 def git_commit(repo: str | os.PathLike | None = None) -> Optional[str]:
@@ -33,3 +33,15 @@ def sha256_file(path: str | os.PathLike) -> str:
 def sha256_or_none(path: str | os.PathLike) -> Optional[str]:
     """sha256 of ``path`` if it is a file, else None."""
     return sha256_file(path) if Path(path).is_file() else None
+
+
+def peak_rss_mb() -> Optional[float]:
+    """Peak resident memory of this process so far, in MB (``getrusage``; None where unavailable)."""
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB on Linux

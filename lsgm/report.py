@@ -1,17 +1,21 @@
-"""``lsgm report``: the paper's numbers (docs/algorithm.md §10) beside ours, with the protocol that produced each of ours.
+"""``lsgm report``: the paper's numbers beside ours, with the protocol that produced each of ours.
 
-Reads, per experiment, ``<run_root>/<exp>/eval/{nll_lsgm,nll_vae,fid}.json`` and
-``<run_root>/<exp>/sample/sample_stats.json`` and writes into ``out_dir`` (``reports/``):
+Reads, per experiment, ``<run_root>/<exp>/eval/{nll_lsgm,nll_vae,fid}.json``, ``<run_root>/<exp>/sample/`` (stats and
+grid), the training stages' ``metrics.json`` and DVCLive logs, and real test images from ``<data_root>``; writes into
+``out_dir`` (``reports/``). One function per section, so a new table, figure or claim is one new function:
 
-* ``results.csv`` / ``results.md``: one row per (experiment, metric) — every number of docs/algorithm.md §10 with its table and
-  provenance tag, ours (± standard error), the difference, a status (``measured``, ``not run``,
-  ``not measured``, ``no experiment``) and the protocol columns (samples/images, ODE tol and eps, checkpoint, EMA,
-  commit, params hash, data manifest hash, command to reproduce);
-* a "Small-scale checks" section of ``results.md``: NLL of the VAE alone vs LSGM (nats, standard errors, paired
-  difference, the SGM prior's own share); the paper's claims C1-C6 are ``lsgm claims`` (lsgm/claims.py)
-  and the NFE of latent ODE sampling;
-* ``figures/``: sample grids, training curves from DVCLive logs (``<exp>/<stage>/dvclive/plots/metrics/**.tsv``),
-  NFE per batch.
+* ``results.csv`` / ``results.md`` / ``results.html``: one row per (experiment, metric) — every number the paper
+  reports (:mod:`lsgm.paper_results`) with its table and provenance tag, ours (± standard error), the difference, a
+  status (``measured``, ``not run``, ``not measured``, ``no experiment``), whether it is a bound (``≤``) and the
+  protocol columns (samples/images, ODE tol and eps, checkpoint, EMA, commit, experiment hash, params hash and what
+  it covers, data manifest hash, command to reproduce). Sections: :func:`_section_intro`, :func:`_section_results`,
+  :func:`_section_protocol`, :func:`_section_figures`.
+* ``checks.md`` / ``checks.html``: the small-scale checks of each experiment with both NLL evaluations (the
+  embedded default first) — NLL of the VAE alone vs LSGM (nats, standard errors, paired difference and its
+  decomposition), the NFE of latent ODE sampling, wall time per stage (:func:`_checks_md`, one function per check).
+  The paper's claims C1-C6 on Fashion-MNIST are ``lsgm claims`` (:mod:`lsgm.claims`), not the report.
+* ``figures/<kind>/<name>.png`` and ``captions/<kind>/<name>.rst`` (:mod:`lsgm.figures`): sample grids beside real
+  images, every training curve, NFE per batch; each caption also goes into ``results.md`` and the Snakemake report.
 """
 
 from __future__ import annotations
@@ -28,17 +32,20 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from lsgm.atomic import atomic_dir, atomic_write_text
-from lsgm.paper_results import METRIC_UNITS, PAPER_RESULTS, PaperResult
-from lsgm.runs import RunLayout
+from lsgm.figures import Figure, figure_sequence, nfe_figure, samples_figure, training_figures
+from lsgm.paper_results import METRIC_UNITS, PAPER, PAPER_RESULTS, PAPER_TABLES, SOURCE_TAGS, PaperResult
+from lsgm.runs import PREPARED_ROOT, VAE_STAGE, RunLayout
 from lsgm.stats import bits_per_dim
 
-__all__ = ["CSV_COLUMNS", "ReportRow", "collect_metrics", "report_rows", "write_report"]
+__all__ = ["CSV_COLUMNS", "PROTOCOL_COLUMNS", "ReportRow", "collect_metrics", "report_rows", "write_report"]
 
+PROTOCOL_COLUMNS = ("samples", "ode_tol", "ode_eps", "checkpoint", "ema", "commit", "experiment_hash", "params_hash",
+                    "params_hash_covers", "data_manifest_hash", "command")
 CSV_COLUMNS = (
-    "experiment", "dataset", "model", "metric", "unit", "paper_value", "paper_table", "paper_source", "ours",
-    "ours_stderr", "difference", "status", "samples", "ode_tol", "ode_eps", "checkpoint", "ema", "commit",
-    "params_hash", "data_manifest_hash", "command", "note",
+    "experiment", "dataset", "model", "metric", "unit", "bound", "paper_value", "paper_table", "paper_source", "ours",
+    "ours_stderr", "difference", "status", *PROTOCOL_COLUMNS, "note",
 )
+_BOUND_METRICS = ("nll_nats", "nll_bpd", "vae_nll_nats", "vae_nll_bpd")  # NLL values are upper bounds (NELBO / IW)
 
 _FILES: dict[str, Callable[[RunLayout], Path]] = {
     "nll_lsgm": lambda r: r.nll("lsgm"), "nll_vae": lambda r: r.nll("vae"), "fid": lambda r: r.fid,
@@ -80,14 +87,19 @@ class ReportRow:
         """ours − paper (same unit), when both exist."""
         return None if self.ours is None or self.paper is None else self.ours - self.paper.value
 
+    @property
+    def bound(self) -> str:
+        """``≤`` for likelihood bounds (paper's and ours), else ``=``."""
+        return "≤" if (self.paper.bound if self.paper else self.metric in _BOUND_METRICS) else "="
+
     def as_dict(self) -> dict[str, Any]:
         p, proto = self.paper, self.protocol or {}
         return {
             "experiment": self.experiment, "dataset": self.dataset, "model": self.model, "metric": self.metric,
-            "unit": self.unit, "paper_value": p.value_text if p else "", "paper_table": p.table if p else "",
-            "paper_source": p.source if p else "", "ours": _num(self.ours), "ours_stderr": _num(self.ours_stderr),
-            "difference": _num(self.difference), "status": self.status, **{k: _txt(proto.get(k)) for k in
-                                                                             CSV_COLUMNS[12:21]},
+            "unit": self.unit, "bound": self.bound, "paper_value": p.value_text if p else "",
+            "paper_table": p.table if p else "", "paper_source": p.source if p else "", "ours": _num(self.ours),
+            "ours_stderr": _num(self.ours_stderr), "difference": _num(self.difference), "status": self.status,
+            **{k: _txt(proto.get(k)) for k in PROTOCOL_COLUMNS},
             "note": "; ".join(x for x in (p.note if p else "", self.note) if x),
         }
 
@@ -121,22 +133,22 @@ def collect_metrics(run_root: str | os.PathLike, experiment: str) -> dict[str, d
 
 def _protocol(source: str, m: dict[str, Any]) -> dict[str, Any]:
     """Protocol columns for a metric read from file ``source``."""
+    hashes = {"commit": m.get("commit"), "experiment_hash": m.get("experiment_hash"),
+              "params_hash": m.get("params_hash"), "params_hash_covers": m.get("params_hash_covers"),
+              "command": m.get("command")}
     if source.startswith("nll"):
         return {"samples": f"{m.get('num_images')} images x {m.get('binarization_draws', 1)} draws "
                            f"x K={m.get('num_iw_samples', 1)}",
                 "ode_tol": m.get("tol"), "ode_eps": m.get("ode_eps"), "checkpoint": m.get("checkpoint"),
-                "ema": m.get("use_ema"), "commit": m.get("commit"), "params_hash": m.get("params_hash"),
-                "data_manifest_hash": m.get("data_manifest_sha256"), "command": m.get("command")}
+                "ema": m.get("use_ema"), "data_manifest_hash": m.get("data_manifest_sha256"), **hashes}
     if source == "fid":
         s = m.get("sampling") or {}
         return {"samples": m.get("num_samples"), "ode_tol": s.get("tol"), "ode_eps": s.get("ode_eps"),
-                "checkpoint": s.get("checkpoint"), "ema": s.get("use_ema"), "commit": m.get("commit"),
-                "params_hash": m.get("params_hash"), "data_manifest_hash": m.get("data_manifest_sha256"),
-                "command": m.get("command")}
+                "checkpoint": s.get("checkpoint"), "ema": s.get("use_ema"),
+                "data_manifest_hash": m.get("data_manifest_sha256"), **hashes}
     return {"samples": f"{m.get('num_samples')} (batches of {m.get('batch_size')})", "ode_tol": m.get("tol"),
             "ode_eps": m.get("ode_eps"), "checkpoint": m.get("checkpoint"), "ema": m.get("use_ema"),
-            "commit": m.get("commit"), "params_hash": m.get("params_hash"), "data_manifest_hash": None,
-            "command": m.get("command")}
+            "data_manifest_hash": None, **hashes}
 
 
 def _fill(row: ReportRow, metrics: dict[str, dict[str, Any]]) -> ReportRow:
@@ -205,7 +217,7 @@ def report_rows(run_root: str | os.PathLike, experiments: Sequence[str]) -> list
     return rows
 
 
-# --------------------------------------------------------------------------------------------- writing
+# --------------------------------------------------------------------------------------------- markdown helpers
 def _csv_text(rows: list[ReportRow]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
@@ -235,33 +247,89 @@ def _ours_cell(r: ReportRow) -> str:
     if r.ours is None:
         return r.status
     se = f" ± {r.ours_stderr:.3g}" if r.ours_stderr is not None and not math.isnan(r.ours_stderr) else ""
-    return f"{r.ours:.4g}{se}"
+    return ("≤ " if r.bound == "≤" else "") + f"{r.ours:.4g}{se}"
 
 
-def _results_md(rows: list[ReportRow], figures: list[Path], out_dir: Path) -> str:
+# --------------------------------------------------------------------------------------------- results.md sections
+def _section_intro(rows: list[ReportRow]) -> list[str]:
+    """Title, the paper cited, what the table, source and hash columns mean."""
+    tables = sorted({r.paper.table for r in rows if r.paper}, key=lambda t: (not t[0].isdigit(), t))
+    legend = []
+    for t in tables:
+        base, _, remark = t.partition(" (")
+        parts = [PAPER_TABLES.get(k, f"{k} of the paper") for k in base.split(" / ")]
+        if remark:
+            parts[-1] += ", " + PAPER_TABLES.get(f"({remark}", f"({remark}")
+        legend.append(f"* **{t}**: " + "; ".join(parts))
+    tags = [f"**{k}** {v}" for k, v in SOURCE_TAGS.items()]
+    return [
+        "# LSGM: paper vs. this reimplementation", "",
+        f"Paper: {PAPER}. Each paper number below is cited by the table (or section) that reports it, with a source "
+        "tag saying where the value was taken from. Likelihoods are upper bounds (≤, the `bound` column of "
+        "`results.csv`): the paper's and ours (NELBO, or the importance-weighted bound with K > 1). *ours* is mean ± "
+        "standard error over test images (NLL) or mean ± std over batches (NFE) / splits (IS, KID). "
+        "Machine-readable copy: `results.csv`.", "",
+        "Tables and sections cited (column *table*):", "", *legend, "",
+        "Source tags (column *source*; several may apply): " + "; ".join(tags) + ". A number tagged only S or M is "
+        "not a target until it is confirmed from the paper's PDF.", "",
+    ]
+
+
+def _section_results(rows: list[ReportRow]) -> list[str]:
     main = [(r.experiment, r.dataset, r.model, r.metric, r.unit, _paper_cell(r),
              r.paper.table if r.paper else "", r.paper.source if r.paper else "", _ours_cell(r),
              _num(r.difference) or "—", r.status, r.as_dict()["note"]) for r in rows]
-    proto = [(r.experiment, r.metric, *(r.as_dict()[k] for k in CSV_COLUMNS[12:21])) for r in rows
+    return [_md_table(("experiment", "dataset", "model", "metric", "unit", "paper", "table", "source", "ours",
+                       "ours − paper", "status", "note"), main), ""]
+
+
+def _hash_notes(rows: list[ReportRow]) -> list[str]:
+    """Per experiment: one experiment hash, or which stage ran under which (the config changed in between)."""
+    out = []
+    for exp in dict.fromkeys(r.experiment for r in rows if r.status == "measured"):
+        hashes = {}
+        for r in rows:
+            if r.experiment == exp and r.status == "measured":
+                hashes.setdefault(r.protocol.get("experiment_hash"), []).append(r.metric)
+        if len(hashes) == 1:
+            (h,) = hashes
+            out.append(f"* `{exp}`: every number comes from one run of the whole config, experiment hash `{h}`.")
+        else:
+            parts = "; ".join(f"`{h}` for {', '.join(ms)}" for h, ms in hashes.items())
+            out.append(f"* `{exp}`: stages ran under different configs ({parts}): the config changed between them "
+                       "in sections the earlier stages do not read (their params hash is unchanged), so they were "
+                       "not rerun.")
+    return out
+
+
+def _section_protocol(rows: list[ReportRow]) -> list[str]:
+    proto = [(r.experiment, r.metric, *(r.as_dict()[k] for k in PROTOCOL_COLUMNS)) for r in rows
              if r.status == "measured"]
-    parts = [
-        "# LSGM: paper vs. this reimplementation", "",
-        "Paper numbers from docs/algorithm.md §10 with provenance tags: **P** project page, **A** public leaderboards, "
-        "**T** tables of later papers, **S** third-party paper summary (unverified), **M** widely quoted, "
-        "not yet checked against the PDF. Likelihoods are upper bounds (≤). *ours* is mean ± standard error "
-        "over test images (NLL) or mean ± std over batches (NFE) / splits (IS, KID). Machine-readable copy: "
-        "`results.csv`.", "",
-        _md_table(("experiment", "dataset", "model", "metric", "unit", "paper", "table", "source", "ours",
-                   "ours − paper", "status", "note"), main), "",
-        "## Protocol of our numbers", "",
-        _md_table(("experiment", "metric") + CSV_COLUMNS[12:21], proto) if proto else "No experiment has run yet.",
-        "",
-    ]
-    if figures:
-        parts += ["## Figures", ""] + [f"![{f.stem}]({f.relative_to(out_dir).as_posix()})" for f in figures] + [""]
-    return "\n".join(parts)
+    if not proto:
+        return ["## Protocol of our numbers", "", "No experiment has run yet.", ""]
+    return ["## Protocol of our numbers", "",
+            "*experiment_hash*: hash of the whole resolved config (every section, overrides merged): the same for "
+            "every stage of one run. *params_hash*: hash of the sections the stage that measured the number reads "
+            "(named in *params_hash_covers*), so it differs between stages by design. *command* reproduces the "
+            "number (with any `--set` overrides).", "", *_hash_notes(rows), "",
+            _md_table(("experiment", "metric") + PROTOCOL_COLUMNS, proto), ""]
 
 
+def _section_figures(figures: Sequence[Figure], out_dir: Path) -> list[str]:
+    if not figures:
+        return []
+    lines = ["## Figures", ""]
+    for f in figures:
+        lines += [f"### {f.title}", "", f"![{f.name}]({f.path.relative_to(out_dir).as_posix()})", "", f.caption, ""]
+    return lines
+
+
+def _results_md(rows: list[ReportRow], figures: Sequence[Figure], out_dir: Path) -> str:
+    return "\n".join(_section_intro(rows) + _section_results(rows) + _section_protocol(rows)
+                     + _section_figures(figures, out_dir))
+
+
+# --------------------------------------------------------------------------------------------- checks.md sections
 def _fmt_pm(mean: float, se: Optional[float], digits: int = 2) -> str:
     if se is None or (isinstance(se, float) and math.isnan(se)):
         return f"{mean:.{digits}f}"
@@ -281,12 +349,99 @@ def _paired_difference(vae: dict[str, Any], lsgm: dict[str, Any]) -> tuple[float
     return float(diff), se, False
 
 
-def _claims_md(run_root: Path, experiments: Sequence[str]) -> str:
-    lines = ["## Small-scale checks", "",
-             "Claim: LSGM (the VAE trained end to end with a score-based prior on its top latents) has a lower NLL "
-             "bound than the stage-1 VAE alone with its Normal prior; latent probability-flow ODE sampling needs "
-             "few function evaluations (NFE). The diagnostic row and the decomposition below say how much of the "
-             "difference the SGM prior itself contributes and how much the end-to-end-trained VAE.", ""]
+_CHECKS_INTRO = [
+    "# Small-scale checks", "",
+    "Claim: LSGM (the VAE trained end to end with a score-based prior on its top latents) has a lower NLL "
+    "bound than the stage-1 VAE alone with its Normal prior; latent probability-flow ODE sampling needs "
+    "few function evaluations (NFE). The diagnostic row and the decomposition below say how much of the "
+    "difference the SGM prior itself contributes and how much the end-to-end-trained VAE.", ""]
+
+
+def _check_nll_table(vae: dict[str, Any], lsgm: dict[str, Any]) -> list[str]:
+    d = lsgm.get("num_dims")
+    rows = [("VAE alone (Normal prior)", _fmt_pm(vae["nll_nats"], vae.get("nll_nats_stderr")),
+             _fmt_pm(vae["bits_per_dim"], vae.get("bits_per_dim_stderr"), 4), vae.get("num_images"),
+             vae.get("checkpoint")),
+            ("LSGM (SGM prior, ODE)", _fmt_pm(lsgm["nll_nats"], lsgm.get("nll_nats_stderr")),
+             _fmt_pm(lsgm["bits_per_dim"], lsgm.get("bits_per_dim_stderr"), 4), lsgm.get("num_images"),
+             lsgm.get("checkpoint"))]
+    if lsgm.get("normal_prior_nelbo_nats") is not None:
+        nn_, nse = lsgm["normal_prior_nelbo_nats"], lsgm.get("normal_prior_nelbo_nats_stderr")
+        rows.append(("LSGM's VAE with a Normal prior (diagnostic)", _fmt_pm(nn_, nse),
+                     _fmt_pm(bits_per_dim(nn_, d), bits_per_dim(nse, d) if nse else None, 4),
+                     lsgm.get("num_images"), lsgm.get("checkpoint")))
+    return [_md_table(("model", "NLL bound (nats)", f"bits/dim (D={d})", "test images", "checkpoint"), rows), ""]
+
+
+def _check_verdict(vae: dict[str, Any], lsgm: dict[str, Any]) -> tuple[list[str], float, bool]:
+    diff, se, paired = _paired_difference(vae, lsgm)
+    kind = "paired over the same test images and binarisations" if paired else "unpaired"
+    lower = diff < 0
+    verdict = (f"**Yes: LSGM is lower** than the VAE alone by {-diff:.2f} ± {se:.2f} nats ({kind})"
+               if lower else
+               f"**No: LSGM is not lower** than the VAE alone (LSGM − VAE = {diff:+.2f} ± {se:.2f} nats, {kind})")
+    if lower and se == se and -diff < 2 * se:
+        verdict += "; the difference is within two standard errors"
+    return [verdict + ".", ""], diff, lower
+
+
+def _check_decomposition(vae: dict[str, Any], lsgm: dict[str, Any], diff: float) -> list[str]:
+    if lsgm.get("prior_gain_over_normal_nats") is None:
+        return []
+    g, gse = lsgm["prior_gain_over_normal_nats"], lsgm.get("prior_gain_over_normal_nats_stderr")
+    within = gse is not None and gse == gse and abs(g) < 2 * gse
+    lines = [f"On LSGM's own encoder samples the SGM prior term is {'lower' if g > 0 else 'higher'} than "
+             f"the Normal prior's by {abs(g):.2f} ± {gse:.2f} nats (paired, exact same latents): "
+             + ("no significant difference (within two standard errors): the aggregate posterior is "
+                "close to N(0, I) and the SGM adds little on its own." if within else
+                "the prior helps." if g > 0 else "the SGM prior itself is worse than N(0, I) here "
+                "(undertrained prior?)."), ""]
+    if lsgm.get("normal_prior_nelbo_nats") is not None:
+        joint_part = lsgm["normal_prior_nelbo_nats"] - vae["nll_nats"]
+        lines += [f"Decomposition of LSGM − VAE ({diff:+.2f} nats): {joint_part:+.2f} from the end-to-end "
+                  f"trained VAE (its bound with a Normal prior minus the stage-1 VAE's), {-g:+.2f} from "
+                  "replacing the Normal prior by the SGM prior.", ""]
+    return lines
+
+
+def _check_terms(vae: dict[str, Any], lsgm: dict[str, Any]) -> list[str]:
+    return ["Terms (nats, LSGM vs VAE): " + ", ".join(
+        f"{k} {lsgm['terms_nats'].get(k, float('nan')):.2f} vs {vae['terms_nats'].get(k, float('nan')):.2f}"
+        for k in ("recon", "log_q", "prior_top", "prior_rest")), ""]
+
+
+def _check_nll_ode(lsgm: dict[str, Any]) -> list[str]:
+    return [f"ODE for the prior term: eps {lsgm.get('ode_eps')}, tol {lsgm.get('tol')}, "
+            f"{lsgm.get('trace')} trace ({lsgm.get('probe')} probes x{lsgm.get('num_probes')}, "
+            f"{lsgm.get('probe_mode')}), NFE {lsgm.get('nfe_mean', float('nan')):.1f} per batch.", ""]
+
+
+def _check_sampling_nfe(exp: str, sample: Optional[dict[str, Any]]) -> list[str]:
+    if not sample:
+        return [f"Latent ODE sampling NFE: **not run** (`lsgm sample {exp}`).", ""]
+    return [f"Latent ODE sampling NFE: **{sample['nfe_mean']:.1f} ± {sample['nfe_std']:.1f}** per batch "
+            f"of {sample.get('batch_size')} ({sample.get('num_batches')} batches, {sample.get('num_samples')} "
+            f"samples; tol {sample.get('tol')}, eps {sample.get('ode_eps')}, {sample.get('method')}); "
+            f"{sample.get('seconds_mean', float('nan')):.2f} s per batch.", ""]
+
+
+def _check_experiment(run_root: Path, exp: str, m: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [f"## {exp}", ""]
+    vae, lsgm = m.get("nll_vae"), m.get("nll_lsgm")
+    if not (vae and lsgm):
+        missing = [f"`lsgm eval-nll {exp} --model {k}`" for k, v in (("vae", vae), ("lsgm", lsgm)) if not v]
+        lines += [f"**not run**: missing {', '.join(missing)}.", ""]
+    else:
+        verdict, diff, lower = _check_verdict(vae, lsgm)
+        lines += _check_nll_table(vae, lsgm) + verdict + _check_decomposition(vae, lsgm, diff)
+        if not lower:
+            lines += _check_terms(vae, lsgm)
+        lines += _check_nll_ode(lsgm)
+    return lines + _stage_times_md(run_root, exp) + _check_sampling_nfe(exp, m.get("sample"))
+
+
+def _checks_md(run_root: Path, experiments: Sequence[str]) -> str:
+    lines = list(_CHECKS_INTRO)
     targets = ["digits"] + [e for e in experiments if e != "digits"]
     shown = 0
     for exp in targets:
@@ -294,187 +449,138 @@ def _claims_md(run_root: Path, experiments: Sequence[str]) -> str:
         if exp != "digits" and not ("nll_vae" in m and "nll_lsgm" in m):
             continue
         shown += 1
-        lines += [f"## {exp}", ""]
-        vae, lsgm, sample = m.get("nll_vae"), m.get("nll_lsgm"), m.get("sample")
-        if not (vae and lsgm):
-            missing = [f"`lsgm eval-nll {exp} --model {k}`" for k, v in (("vae", vae), ("lsgm", lsgm)) if not v]
-            lines += [f"**not run**: missing {', '.join(missing)}.", ""]
-        else:
-            diff, se, paired = _paired_difference(vae, lsgm)
-            d = lsgm.get("num_dims")
-            rows = [("VAE alone (Normal prior)", _fmt_pm(vae["nll_nats"], vae.get("nll_nats_stderr")),
-                     _fmt_pm(vae["bits_per_dim"], vae.get("bits_per_dim_stderr"), 4), vae.get("num_images"),
-                     vae.get("checkpoint")),
-                    ("LSGM (SGM prior, ODE)", _fmt_pm(lsgm["nll_nats"], lsgm.get("nll_nats_stderr")),
-                     _fmt_pm(lsgm["bits_per_dim"], lsgm.get("bits_per_dim_stderr"), 4), lsgm.get("num_images"),
-                     lsgm.get("checkpoint"))]
-            if lsgm.get("normal_prior_nelbo_nats") is not None:
-                nn_, nse = lsgm["normal_prior_nelbo_nats"], lsgm.get("normal_prior_nelbo_nats_stderr")
-                rows.append(("LSGM's VAE with a Normal prior (diagnostic)", _fmt_pm(nn_, nse),
-                             _fmt_pm(bits_per_dim(nn_, d), bits_per_dim(nse, d) if nse else None, 4),
-                             lsgm.get("num_images"), lsgm.get("checkpoint")))
-            lines += [_md_table(("model", "NLL bound (nats)", f"bits/dim (D={d})", "test images", "checkpoint"),
-                                rows), ""]
-            kind = "paired over the same test images and binarisations" if paired else "unpaired"
-            lower = diff < 0
-            verdict = (f"**Yes: LSGM is lower** than the VAE alone by {-diff:.2f} ± {se:.2f} nats ({kind})"
-                       if lower else
-                       f"**No: LSGM is not lower** than the VAE alone (LSGM − VAE = {diff:+.2f} ± {se:.2f} nats, "
-                       f"{kind})")
-            if lower and se == se and -diff < 2 * se:
-                verdict += "; the difference is within two standard errors"
-            lines += [verdict + ".", ""]
-            if lsgm.get("prior_gain_over_normal_nats") is not None:
-                g, gse = lsgm["prior_gain_over_normal_nats"], lsgm.get("prior_gain_over_normal_nats_stderr")
-                within = gse is not None and gse == gse and abs(g) < 2 * gse
-                lines += [f"On LSGM's own encoder samples the SGM prior term is {'lower' if g > 0 else 'higher'} than "
-                          f"the Normal prior's by {abs(g):.2f} ± {gse:.2f} nats (paired, exact same latents): "
-                          + ("no significant difference (within two standard errors): the aggregate posterior is "
-                             "close to N(0, I) and the SGM adds little on its own." if within else
-                             "the prior helps." if g > 0 else "the SGM prior itself is worse than N(0, I) here "
-                             "(undertrained prior?)."), ""]
-                if lsgm.get("normal_prior_nelbo_nats") is not None:
-                    joint_part = lsgm["normal_prior_nelbo_nats"] - vae["nll_nats"]
-                    lines += [f"Decomposition of LSGM − VAE ({diff:+.2f} nats): {joint_part:+.2f} from the end-to-end "
-                              f"trained VAE (its bound with a Normal prior minus the stage-1 VAE's), {-g:+.2f} from "
-                              "replacing the Normal prior by the SGM prior.", ""]
-            if not lower:
-                lines += ["Terms (nats, LSGM vs VAE): " + ", ".join(
-                    f"{k} {lsgm['terms_nats'].get(k, float('nan')):.2f} vs {vae['terms_nats'].get(k, float('nan')):.2f}"
-                    for k in ("recon", "log_q", "prior_top", "prior_rest")), ""]
-            lines += [f"ODE for the prior term: eps {lsgm.get('ode_eps')}, tol {lsgm.get('tol')}, "
-                      f"{lsgm.get('trace')} trace ({lsgm.get('probe')} probes x{lsgm.get('num_probes')}, "
-                      f"{lsgm.get('probe_mode')}), NFE {lsgm.get('nfe_mean', float('nan')):.1f} per batch.", ""]
-        lines += _stage_times_md(exp)
-        if sample:
-            lines += [f"Latent ODE sampling NFE: **{sample['nfe_mean']:.1f} ± {sample['nfe_std']:.1f}** per batch "
-                      f"of {sample.get('batch_size')} ({sample.get('num_batches')} batches, "
-                      f"{sample.get('num_samples')} "
-                      f"samples; tol {sample.get('tol')}, eps {sample.get('ode_eps')}, {sample.get('method')}); "
-                      f"{sample.get('seconds_mean', float('nan')):.2f} s per batch.", ""]
-        else:
-            lines += [f"Latent ODE sampling NFE: **not run** (`lsgm sample {exp}`).", ""]
+        lines += _check_experiment(run_root, exp, m)
     if not shown:
         lines += ["No experiment has both NLL evaluations yet.", ""]
     return "\n".join(lines)
 
 
-def _stage_times_md(exp: str, bench_root: Path = Path("benchmarks/out")) -> list[str]:
-    """Wall time and peak RSS per pipeline stage from Snakemake's ``benchmark:`` files (if the DAG ran)."""
-    rows = []
-    for tsv in sorted((bench_root / exp).rglob("*.tsv")):
-        try:
-            header, values = tsv.read_text().splitlines()[:2]
-        except ValueError:
-            continue
-        rec = dict(zip(header.split("\t"), values.split("\t")))
-        stage = "/".join(tsv.relative_to(bench_root / exp).with_suffix("").parts)
-        rows.append((stage, f"{float(rec.get('s', 'nan')):.1f}", f"{float(rec.get('max_rss', 'nan')):.0f}"))
+def _training_order(exp: str, dirs: Sequence[Path]) -> list[Path]:
+    """Training stage folders in pipeline order: the VAE, then the prior stages as the config lists them."""
+    from lsgm.config import ConfigError, load_experiment
+
+    try:
+        order = [VAE_STAGE, *load_experiment(exp).prior]
+    except (ConfigError, FileNotFoundError, OSError):
+        order = [VAE_STAGE]
+    return sorted(dirs, key=lambda d: (order.index(d.name) if d.name in order else len(order), d.name))
+
+
+def _stage_times(run_root: Path, exp: str) -> list[tuple[str, float, Optional[float]]]:
+    """(stage, wall seconds, peak RSS MB) from the stages' own JSON files, the same under Snakemake, DVC or by hand."""
+    layout, out = RunLayout(run_root, exp), []
+    for stage_dir in _training_order(exp, layout.training_stage_dirs()):
+        m = _read_json(layout.metrics(stage_dir.name)) or {}
+        if m.get("seconds_total") is not None:
+            out.append((f"train ({stage_dir.name})", float(m["seconds_total"]), m.get("peak_rss_mb")))
+    for key, label, field_ in (("sample", "sample", "seconds_total"), ("fid", "eval_fid", "seconds")):
+        m = _read_json(_FILES[key](layout)) or {}
+        if m.get(field_) is not None:
+            out.append((label, float(m[field_]), m.get("peak_rss_mb")))
+    runs = layout.base / "samples"  # extra sampling runs (config sample_runs), then every evaluation file
+    for stats in sorted(runs.glob("*/sample_stats.json")) if runs.is_dir() else []:
+        m = _read_json(stats) or {}
+        if m.get("seconds_total") is not None:
+            out.append((f"sample_run ({stats.parent.name})", float(m["seconds_total"]), m.get("peak_rss_mb")))
+    for pattern, label in (("nll_*.json", "eval_nll"), ("fd_*.json", "eval_fd")):
+        for path in sorted(layout.eval_dir.glob(pattern)) if layout.eval_dir.is_dir() else []:
+            m = _read_json(path) or {}
+            if m.get("seconds") is not None:
+                tag = path.stem.split("_", 1)[1]
+                out.append((f"{label} ({tag})", float(m["seconds"]), m.get("peak_rss_mb")))
+    return out
+
+
+def _stage_times_md(run_root: Path, exp: str) -> list[str]:
+    """Wall time and peak RSS per stage, as each stage recorded them (training across resumes; without the few
+    seconds of process start-up)."""
+    rows = _stage_times(run_root, exp)
     if not rows:
         return []
-    total = sum(float(r[1]) for r in rows)
-    return ["Wall time per stage (Snakemake benchmark files; stages may overlap when run in parallel):", "",
-            _md_table(("stage", "seconds", "peak RSS (MB)"), rows + [("total (sum)", f"{total:.1f}", "")]), ""]
+    total = sum(s for _, s, _ in rows)
+    table = [(k, f"{s:.1f}", f"{r:.0f}" if r is not None else "—") for k, s, r in rows]
+    return ["Wall time per stage (recorded by each stage; stages may overlap when run in parallel):", "",
+            _md_table(("stage", "seconds", "peak RSS (MB)"), table + [("total (sum)", f"{total:.1f}", "")]), ""]
+
+
+# --------------------------------------------------------------------------------------------- HTML
+_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;max-width:110em;color:#222}
+table{border-collapse:collapse;font-size:12px;margin:0.5em 0}td,th{border:1px solid #bbb;padding:2px 6px;
+vertical-align:top}th{background:#eee}code{font-size:90%}img{max-width:100%;border:1px solid #ddd}
+h1{font-size:1.5em}h2{font-size:1.25em;margin-top:1.5em}h3{font-size:1.05em}"""
+
+
+def _html_page(title: str, markdown_text: str, base_dir: Path) -> str:
+    """Self-contained HTML of a Markdown page (markdown-it, tables on); images embedded as data URIs so the page
+    also reads inside ``snakemake --report`` (which shows it from a data URI, where relative links break)."""
+    import base64
+    import html
+    import re
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown_text)
+
+    def embed(m: re.Match) -> str:
+        path = base_dir / html.unescape(m.group(1))
+        if not path.is_file():
+            return m.group(0)
+        return 'src="data:image/png;base64,' + base64.b64encode(path.read_bytes()).decode() + '"'
+
+    body = re.sub(r'src="([^"]+\.png)"', embed, body)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n{body}</body></html>\n")
 
 
 # --------------------------------------------------------------------------------------------- figures
-def _plt():
-    import matplotlib
+def _real_images(exp: str, data_root: Path, count: int) -> tuple[Optional[np.ndarray], str]:
+    """The first ``count`` images of the experiment's evaluation split in display levels (0..255), and a note."""
+    from lsgm.config import ConfigError, load_experiment
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    try:
+        cfg = load_experiment(exp)
+    except (ConfigError, FileNotFoundError, OSError) as exc:
+        return None, f"no config for `{exp}` ({exc})"
+    try:
+        from lsgm.data.loader import load_split
 
-    return plt
-
-
-def _figure_samples(grid: Path, out: Path, title: str) -> Path:
-    from PIL import Image
-
-    plt = _plt()
-    img = np.asarray(Image.open(grid))
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest", vmin=0, vmax=255)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return out
-
-
-def _read_tsv(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t")
-        cols = [c for c in (reader.fieldnames or []) if c not in ("timestamp", "step")]
-        steps, vals = [], []
-        for rec in reader:
-            try:
-                steps.append(float(rec["step"]))
-                vals.append(float(rec[cols[0]]))
-            except (KeyError, ValueError, IndexError, TypeError):
-                continue
-    return np.asarray(steps), np.asarray(vals), cols[0] if cols else path.stem
+        split = load_split(data_root, cfg.data.dataset, cfg.data.eval_split)
+    except (FileNotFoundError, ValueError, OSError):
+        return None, f"`{(data_root / cfg.data.dataset).as_posix()}` is not prepared"
+    levels = np.asarray(split.images[:count].numpy(), dtype=np.float64)
+    images = np.round(levels * 255.0 / split.max_value).astype(np.uint8)
+    scale = "" if split.max_value == 255 else f" (levels 0..{split.max_value} scaled to 0..255)"
+    binar = (", intensities (the Bernoulli means of dynamic binarisation, as the decoder means on the left), not "
+             "binarised" if cfg.data.binarize else "")
+    return images, (f"the first {len(images)} images of the `{cfg.data.eval_split}` split of `{cfg.data.dataset}`"
+                    f"{scale}{binar}.")
 
 
-def _figure_training(live_dir: Path, out: Path, title: str, max_panels: int = 12) -> Optional[Path]:
-    tsvs = sorted((live_dir / "plots" / "metrics").rglob("*.tsv"))[:max_panels]
-    series = [s for s in (_read_tsv(p) for p in tsvs) if s[0].size]
-    if not series:
-        return None
-    plt = _plt()
-    cols = min(3, len(series))
-    rows = math.ceil(len(series) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
-    for ax, (steps, vals, name) in zip(axes.flat, series):
-        ax.plot(steps, vals, lw=1)
-        ax.set_title(name, fontsize=8)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(series):]:
-        ax.set_axis_off()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+def _experiment_figures(run_root: Path, data_root: Path, exp: str, fig_dir: Path) -> list[Figure]:
+    layout, made = RunLayout(run_root, exp), []
+    metrics = collect_metrics(run_root, exp)
+    if layout.grid.is_file() and "sample" in metrics:
+        from PIL import Image
+
+        stats = metrics["sample"]
+        shown = min(int(stats.get("grid_size") or 8) ** 2, int(stats.get("num_samples") or 64))
+        real, note = _real_images(exp, data_root, shown)  # as many real images as samples in the grid
+        made.append(samples_figure(exp, np.asarray(Image.open(layout.grid)), stats,
+                                   fig_dir / "samples" / f"{exp}_samples.png", real=real, real_note=note))
+    for stage_dir in _training_order(exp, layout.training_stage_dirs()):
+        stage = stage_dir.name
+        batch = (_read_json(layout.metrics(stage)) or {}).get("global_batch")
+        made += training_figures(exp, stage, layout.dvclive(stage), fig_dir / "training", batch)
+    fig = nfe_figure(exp, metrics, fig_dir / "nfe" / f"{exp}_nfe.png")
+    return made + ([fig] if fig else [])
 
 
-def _figure_nfe(metrics: dict[str, dict[str, Any]], out: Path, title: str) -> Optional[Path]:
-    series = [(label, metrics[k].get("nfe_per_batch") or []) for k, label in
-              (("sample", "sampling (t: 1 → eps)"), ("nll_lsgm", "NLL (t: eps → 1)")) if k in metrics]
-    series = [(label, s) for label, s in series if s]
-    if not series:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for label, s in series:
-        ax.plot(np.arange(1, len(s) + 1), s, marker="o", ms=3, lw=1, label=f"{label}: mean {np.mean(s):.1f}")
-    ax.set_xlabel("batch")
-    ax.set_ylabel("NFE")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+def _rst_caption(f: Figure) -> str:
+    """A figure's caption as reStructuredText (``snakemake --report`` includes it): Markdown `code` -> ``code``."""
+    import re
 
-
-def _figures(run_root: Path, experiments: Sequence[str], fig_dir: Path) -> list[Path]:
-    made: list[Path] = []
-    for exp in experiments:
-        layout = RunLayout(run_root, exp)
-        if not layout.base.is_dir():
-            continue
-        fig_dir.mkdir(parents=True, exist_ok=True)
-        if layout.grid.is_file():
-            made.append(_figure_samples(layout.grid, fig_dir / f"{exp}_samples.png", f"{exp}: ODE samples"))
-        for stage_dir in layout.training_stage_dirs():
-            fig = _figure_training(layout.dvclive(stage_dir.name), fig_dir / f"{exp}_{stage_dir.name}_training.png",
-                                   f"{exp} / {stage_dir.name}: training curves (DVCLive)")
-            made += [fig] if fig else []
-        fig = _figure_nfe(collect_metrics(run_root, exp), fig_dir / f"{exp}_nfe.png", f"{exp}: NFE per batch")
-        made += [fig] if fig else []
-    return made
+    text = re.sub(r"`([^`]+)`", r"``\1``", f.caption)
+    return f"**{f.title}.** {text}\n"
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -499,29 +605,45 @@ def _check_experiments(experiments: Sequence[str]) -> list[str]:
     return list(experiments)
 
 
-def write_report(*, run_root: Path, out_dir: Path, experiments: Optional[list[str]] = None) -> dict[str, Path]:
-    """Write ``results.{md,csv}`` (with the small-scale checks) and ``figures/`` into ``out_dir``.
+def write_report(*, run_root: Path, out_dir: Path, experiments: Optional[list[str]] = None,
+                 data_root: Path = PREPARED_ROOT) -> dict[str, Path]:
+    """Write ``results.{md,csv,html}``, ``checks.{md,html}``, ``figures/`` and ``captions/`` into ``out_dir``.
 
     Args:
         run_root: runs root (``data/runs``).
         out_dir: report directory (``reports``).
         experiments: experiments to report (default: every experiment of ``params/experiments.yaml``; paper
             experiments are always included, as "not run" when absent).
+        data_root: prepared datasets (real images beside the samples).
 
     Returns:
-        Paths written, keyed ``results_md``, ``results_csv``, ``figures``.
+        Paths written, keyed ``results_md``, ``results_csv``, ``results_html``, ``checks_md``, ``checks_html``,
+        ``figures``, ``captions``.
     """
     run_root, out_dir = Path(run_root), Path(out_dir)
     names = _check_experiments(experiments) if experiments else _default_experiments(run_root)
     rows = report_rows(run_root, names)
-    fig_dir = out_dir / "figures"
-    with atomic_dir(fig_dir) as tmp_figs:  # replaces the old figures only once the new set is complete
-        figures = _figures(run_root, list(dict.fromkeys(names + [r.experiment for r in rows])), tmp_figs)
-        figures = [fig_dir / f.relative_to(tmp_figs) for f in figures]
     paths = {"results_md": out_dir / "results.md", "results_csv": out_dir / "results.csv",
-             "figures": fig_dir}
+             "results_html": out_dir / "results.html", "checks_md": out_dir / "checks.md",
+             "checks_html": out_dir / "checks.html", "figures": out_dir / "figures", "captions": out_dir / "captions"}
+    figures: list[Figure] = []
+    # the new figure and caption sets replace the old ones only once complete
+    with atomic_dir(paths["figures"]) as tmp_figs, atomic_dir(paths["captions"]) as tmp_caps:
+        for exp in dict.fromkeys(names + [r.experiment for r in rows]):
+            if RunLayout(run_root, exp).base.is_dir():
+                figures += _experiment_figures(run_root, Path(data_root), exp, tmp_figs)
+        figures = figure_sequence(figures)
+        for f in figures:
+            atomic_write_text(tmp_caps / f.kind / f"{f.name}.rst", _rst_caption(f))
+    figures = [Figure(f.kind, f.name, paths["figures"] / f.path.relative_to(tmp_figs), f.title, f.caption)
+               for f in figures]
+    results_md = _results_md(rows, figures, out_dir)
+    checks_md = _checks_md(run_root, names)
     atomic_write_text(paths["results_csv"], _csv_text(rows))
-    atomic_write_text(paths["results_md"], _results_md(rows, figures, out_dir) + "\n" + _claims_md(run_root, names))
+    atomic_write_text(paths["results_md"], results_md)
+    atomic_write_text(paths["results_html"], _html_page("LSGM: paper vs. this reimplementation", results_md, out_dir))
+    atomic_write_text(paths["checks_md"], checks_md)
+    atomic_write_text(paths["checks_html"], _html_page("LSGM: small-scale checks", checks_md, out_dir))
     measured = sum(r.status == "measured" for r in rows)
-    print(f"report: {len(rows)} rows ({measured} measured) -> {out_dir}")
+    print(f"report: {len(rows)} rows ({measured} measured), {len(figures)} figures -> {out_dir}")
     return paths

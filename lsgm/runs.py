@@ -8,8 +8,16 @@
     <root>/<exp>/sample/                  samples.npz  grid.png  sample_stats.json  resolved_config.yaml
     <root>/<exp>/eval/                    nll_lsgm.json  nll_vae.json  fid.json
 
+Every stage that measures something also writes a small *headline* file outside the git-ignored ``data/``
+(:class:`HeadlineLayout`)::
+
+    metrics/<exp>/train_<stage>.json  sample.json  nll_lsgm.json  nll_vae.json  fid.json
+
+numbers only (NLL nats and bits/dim with standard errors, NFE, FID, wall time), kept in git and shown by
+``dvc metrics show`` / ``dvc exp show`` (the JSONs under ``data/runs`` keep the full protocol).
+
 Training, evaluation, metrics, reports and the stage table (:mod:`lsgm.pipeline`) all ask a :class:`RunLayout`
-for their paths; no other module joins run paths. The stage table builds templates from the same object
+(or :class:`HeadlineLayout`) for their paths; no other module joins run paths. The stage table builds templates from the same object
 (``RunLayout("data/runs", "{exp}").model("{stage}")`` is ``data/runs/{exp}/{stage}/model.pt``).
 """
 
@@ -19,10 +27,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CLASSIFIERS_ROOT", "DATA_SGM_STAGE", "PREPARED_ROOT", "RESERVED_STAGE_NAMES", "RUNS_ROOT", "VAE_STAGE",
-           "ClassifierFiles", "RunLayout", "fid_reference_tag", "fid_stats_file", "prepared_dir"]
+__all__ = ["CLASSIFIERS_ROOT", "DATA_SGM_STAGE", "HEADLINE_ROOT", "HeadlineLayout", "PREPARED_ROOT",
+           "RESERVED_STAGE_NAMES", "RUNS_ROOT", "VAE_STAGE", "ClassifierFiles", "RunLayout", "fid_reference_tag",
+           "fid_stats_file", "prepared_dir"]
 
 RUNS_ROOT = Path("data/runs")
+HEADLINE_ROOT = Path("metrics")
 PREPARED_ROOT = Path("data/prepared")
 VAE_STAGE = "vae"
 DATA_SGM_STAGE = "data_sgm"  # the data-space score model's training stage (its run directory)
@@ -173,3 +183,47 @@ class RunLayout:
         if not self.base.is_dir():
             return []
         return sorted(p for p in self.base.iterdir() if (p / "dvclive").is_dir())
+
+
+@dataclass(frozen=True)
+class HeadlineLayout:
+    """Headline metric files of one experiment, ``<root>/<exp>/*.json`` (``metrics/digits/nll_lsgm.json``).
+
+    Args:
+        root: headline root (``metrics``, the directory ``dvc.yaml`` declares as metrics).
+        exp: experiment name (or a ``{exp}`` template placeholder).
+    """
+
+    root: Path
+    exp: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def base(self) -> Path:
+        return self.root / self.exp
+
+    def train(self, stage: str) -> Path:
+        """``train_<stage>.json`` of a training stage (``train_vae.json``, ``train_lsgm.json``)."""
+        return self.base / f"train_{stage}.json"
+
+    @property
+    def sample(self) -> Path:
+        return self.base / "sample.json"
+
+    def sample_run(self, tag: str) -> Path:
+        """``sample.json`` of the default sampling run (``tag`` empty), else ``sample_<tag>.json``."""
+        return self.sample if not tag else self.base / f"sample_{tag}.json"
+
+    def fd(self, tag: str) -> Path:
+        """``fd_<tag>.json`` (``fd_default.json`` for the default sampling run): FD/KID in the dataset classifier's
+        features."""
+        return self.base / f"fd_{tag or 'default'}.json"
+
+    def nll(self, model: str) -> Path:
+        return self.base / f"nll_{model}.json"
+
+    @property
+    def fid(self) -> Path:
+        return self.base / "fid.json"

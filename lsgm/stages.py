@@ -35,7 +35,7 @@ STAGE_INFO: tuple[StageInfo, ...] = (
     StageInfo("eval_nll", True, "NLL bound on the evaluation split"),
     StageInfo("eval_fid", True, "FID / IS / KID of the samples"),
     StageInfo("eval_fd", False, "FD / KID in dataset-classifier features of a sampling run"),
-    StageInfo("report", False, "reports/: results and figures"),
+    StageInfo("report", False, "reports/: results, small-scale checks, figures and captions"),
     StageInfo("claims", False, "reports/claims.json and claims.md: the paper's claims at small scale"),
 )
 STAGES: tuple[str, ...] = tuple(s.name for s in STAGE_INFO)

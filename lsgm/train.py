@@ -28,7 +28,7 @@ from lsgm.data.loader import BatchIterator, to_model_input
 from lsgm.ema import EMA
 from lsgm.config import config_hash
 from lsgm.engine import (StageStart, TrainLoop, adam_with_schedule, add_reg, cosine_lr, finish_stage, host_floats,
-                         prepare_batchnorm, prepare_rerun, start_stage)
+                         prepare_batchnorm, skip_finished, start_stage)
 from lsgm.models import build_prior, build_vae, read_model_file
 from lsgm.objectives import LSGMObjective
 from lsgm.provenance import sha256_file
@@ -98,7 +98,7 @@ def _vae_step(s: _Stage1, step: int) -> dict[str, float]:
 
 
 def train_vae(cfg: ExperimentConfig, run_root: Path = RUNS_ROOT, data_root: Path = PREPARED_ROOT,
-              max_steps: Optional[int] = None, retrain: bool = False) -> Path:
+              max_steps: Optional[int] = None, retrain: bool = False, metrics_root: Optional[Path] = None) -> Path:
     """Stage 1: the VAE with a standard-Normal prior (docs/algorithm.md §1.8). Returns the path of ``model.pt``.
 
     Loss per image: ``recon + β_KL Σ_l κ_l KL_l`` (KL balancing while β_KL < 1), plus
@@ -110,8 +110,7 @@ def train_vae(cfg: ExperimentConfig, run_root: Path = RUNS_ROOT, data_root: Path
     ctx = start.ctx
     hash_sections = (cfg.data, cfg.vae, tc)
     end = start.total if max_steps is None else min(start.total, max_steps)
-    if prepare_rerun(start.layout, VAE_STAGE, config_hash(hash_sections), retrain, end):
-        ctx.close()
+    if skip_finished(cfg, VAE_STAGE, start, config_hash(hash_sections), retrain, end, metrics_root):
         return start.layout.model(VAE_STAGE)
     torch.manual_seed(tc.seed)
     vae = prepare_batchnorm(build_vae(cfg), ctx).to(ctx.device)
@@ -129,7 +128,7 @@ def train_vae(cfg: ExperimentConfig, run_root: Path = RUNS_ROOT, data_root: Path
     order = BatchIterator(len(start.split), start.plan.global_batch, shuffle=True, drop_last=True, seed=tc.seed)
     s = _Stage1(cfg, start, loop, order, vae, params, reg, list(vae.groups_per_scale))
     last = loop.run(lambda step: _vae_step(s, step), max_steps=max_steps)
-    return finish_stage(cfg, VAE_STAGE, start, loop, last, vae=_unwrap(vae), prior=None, prior_ema=None)
+    return finish_stage(cfg, VAE_STAGE, start, loop, last, metrics_root, vae=_unwrap(vae), prior=None, prior_ema=None)
 
 
 # --------------------------------------------------------------------------------------------- stage 2
@@ -422,7 +421,7 @@ def _build_stage2(cfg: ExperimentConfig, stage: str, start: StageStart) -> _Stag
 
 
 def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = RUNS_ROOT, data_root: Path = PREPARED_ROOT,
-               max_steps: Optional[int] = None, retrain: bool = False) -> Path:
+               max_steps: Optional[int] = None, retrain: bool = False, metrics_root: Optional[Path] = None) -> Path:
     """Stage 2 (and later prior stages): VAE + SGM prior end to end, disjoint, or a fresh SGM on a frozen VAE
     (docs/algorithm.md §4.5). Starts from ``<run_root>/<exp>/<init_from>/model.pt``; writes
     ``<run_root>/<exp>/<stage>/model.pt``. Returns its path.
@@ -436,8 +435,7 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = RUNS_ROOT, da
                         f" ({mode}, p={tc.iw_sample_p}, q={tc.iw_sample_q})")
     end = start.total if max_steps is None else min(start.total, max_steps)
     run_hash = config_hash(_stage2_hash_sections(cfg, stage, start.layout))
-    if prepare_rerun(start.layout, stage, run_hash, retrain, end):
-        start.ctx.close()
+    if skip_finished(cfg, stage, start, run_hash, retrain, end, metrics_root):
         return start.layout.model(stage)
     s = _build_stage2(cfg, stage, start)
 
@@ -447,5 +445,5 @@ def train_lsgm(cfg: ExperimentConfig, stage: str, run_root: Path = RUNS_ROOT, da
 
     step_fn = _STEP_FNS[mode]
     last = s.loop.run(lambda step: step_fn(s, step), max_steps=max_steps, on_start=on_start)
-    return finish_stage(cfg, stage, start, s.loop, last, vae=_unwrap(s.vae), prior=s.prior,
+    return finish_stage(cfg, stage, start, s.loop, last, metrics_root, vae=_unwrap(s.vae), prior=s.prior,
                         prior_ema=s.ema.averaged_state(s.prior) if s.ema is not None else None)

@@ -31,7 +31,7 @@ def install(kill_after_step: int | None = None, poison: tuple[int, int] | None =
     """Wrap the engine's seams with the requested faults."""
     import torch
 
-    from lsgm import checkpoint, engine, train
+    from lsgm import checkpoint, engine, models
 
     if kill_after_step is not None:
         end_step = engine.TrainLoop.end_step
@@ -84,7 +84,7 @@ def install(kill_after_step: int | None = None, poison: tuple[int, int] | None =
         def dying_save_model(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
 
-        train.save_model = dying_save_model
+        models.save_model = dying_save_model  # the engine imports it when it writes model.pt
 
 
 def _step_times(spec: str | None) -> tuple[int, int] | None:

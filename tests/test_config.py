@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lsgm.config import (ConfigError, config_from_dict, config_to_dict, default_experiments, dump_config,
                          list_experiments, load_config, load_experiment, write_resolved_config)
@@ -132,3 +133,85 @@ def test_dump_is_valid_yaml_of_the_same_config(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(dump_config(cfg))
     assert load_config(p, name=cfg.name) == cfg
+
+
+# ------------------------------------------------------------------------------------------------ overrides
+def _matrix_copy(tmp_path: Path, overrides: str) -> Path:
+    """A repository root with the real params/ and a params.yaml of ``overrides``."""
+    import shutil
+
+    shutil.copytree(Path("params"), tmp_path / "params")
+    (tmp_path / "params.yaml").write_text(overrides)
+    return tmp_path
+
+
+def _strip_file(msg: str) -> str:
+    """The part of an error message after its first ": " (the file or override that wrote the value)."""
+    return msg.split(": ", 1)[1].split(" (overriding ")[0]
+
+
+@pytest.mark.parametrize("key, value", [("sampling.ode_tol", "-1"), ("sampling.ode_tl", "1"),
+                                        ("sampling.ode_tol", "abc"), ("prior.lsgm.train.iw_sample_p", "ll_iww"),
+                                        ("vae.channel_mult", "[1]"), ("resources.trainvae.nodes", "2")])
+def test_set_gets_exactly_the_params_file_error(tmp_path, key, value):
+    """`--set KEY=VALUE`, `params.yaml` and a params file are validated alike: the same message, led by the source."""
+    nested: object = yaml.safe_load(value)
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    in_file = tmp_path / "exp.yaml"
+    in_file.write_text(f"extends: [{Path('params/digits.yaml').resolve()}]\n" + yaml.safe_dump(nested))
+    with pytest.raises(ConfigError) as from_file:
+        load_config(in_file)
+    with pytest.raises(ConfigError) as from_set:
+        load_experiment("digits", set_args=[f"{key}={value}"])
+    root = _matrix_copy(tmp_path / "repo", "digits:\n" + "".join(
+        "  " + line + "\n" for line in yaml.safe_dump(nested).splitlines()))
+    with pytest.raises(ConfigError) as from_overrides:
+        load_experiment("digits", root=root)
+    assert str(from_set.value).startswith(f"--set {key}={value}: ")
+    assert str(from_set.value).endswith(f"(overriding {Path('params/digits.yaml').resolve()})")
+    assert str(from_overrides.value).startswith(f"{root / 'params.yaml'}: digits.")
+    assert _strip_file(str(from_set.value)) == _strip_file(str(from_file.value))
+    assert _strip_file(str(from_overrides.value)) == "digits." + _strip_file(str(from_file.value))
+
+
+def test_overrides_merge_in_order_and_are_recorded(tmp_path):
+    root = _matrix_copy(tmp_path, "digits:\n  sampling:\n    ode_tol: 0.002\n    temperature: 0.9\nmnist: {}\n")
+    cfg = load_experiment("digits", root=root)
+    assert cfg.sampling.ode_tol == 2e-3 and cfg.sampling.temperature == 0.9 and cfg.cli_overrides == ()
+    cfg = load_experiment("digits", root=root, set_args=["sampling.ode_tol=1e-3", "prior.lsgm.train.epochs=3"])
+    assert cfg.sampling.ode_tol == 1e-3 and cfg.sampling.temperature == 0.9  # --set last
+    assert cfg.prior["lsgm"].train.epochs == 3 and cfg.cli_overrides == ("sampling.ode_tol=1e-3",
+                                                                          "prior.lsgm.train.epochs=3")
+    assert load_experiment("mnist", root=root) == load_experiment("mnist")
+    from lsgm.config import config_hash, experiment_hash
+
+    base = load_experiment("digits")
+    assert experiment_hash(cfg) != experiment_hash(base)
+    assert config_hash(cfg.train_vae) == config_hash(base.train_vae)  # a stage that does not read them: same hash
+    with pytest.raises(ConfigError, match=r"params\.yaml: digts: unknown experiment 'digts'; did you mean 'digits'"):
+        load_experiment("digits", root=_matrix_copy(tmp_path / "typo", "digts: {}\n"))
+    with pytest.raises(ConfigError, match="name: cannot be overridden"):
+        load_experiment("digits", set_args=["name=other"])
+    with pytest.raises(ConfigError, match="allowed: KEY=VALUE with KEY a dotted path"):
+        load_experiment("digits", set_args=["sampling"])
+
+
+def test_cli_set_resolve_config_and_version(tmp_path):
+    out = tmp_path / "r.yaml"
+    res = subprocess.run([sys.executable, "-m", "lsgm.cli", "resolve-config", "digits", "--out", str(out), "--set",
+                          "sampling.ode_tol=1e-3", "--set", "sampling.seed=7"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    resolved = yaml.safe_load(out.read_text())
+    assert resolved["sampling"]["ode_tol"] == 1e-3 and resolved["sampling"]["seed"] == 7
+    assert resolved["cli_overrides"] == ["sampling.ode_tol=1e-3", "sampling.seed=7"]
+    bad = subprocess.run([sys.executable, "-m", "lsgm.cli", "config", "show", "digits", "--set", "sampling.ode_tol=0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("lsgm: config error: --set sampling.ode_tol=0: "
+                                                         "sampling.ode_tol = 0.0 is out of range; allowed: > 0")
+    assert len(bad.stderr.strip().splitlines()) == 1
+    version = subprocess.run([sys.executable, "-m", "lsgm.cli", "--version"], capture_output=True, text=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    from lsgm import __version__
+
+    assert version.returncode == 0 and version.stdout.strip() == f"lsgm {__version__} (commit {head})"

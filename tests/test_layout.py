@@ -19,7 +19,7 @@ import torch
 
 from lsgm.config import RESOURCE_STAGES, ConfigError, config_from_dict, config_to_dict, load_config, load_experiment
 from lsgm.device import DeviceError, resolve_device
-from lsgm.runs import RunLayout, fid_stats_file
+from lsgm.runs import HeadlineLayout, RunLayout, fid_stats_file
 from lsgm.stages import LAUNCHABLE, STAGES, verb_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,9 +63,13 @@ def test_the_pipeline_reads_its_paths_from_the_layout():
 
     pipe = P.build_pipeline(["digits"])
     lay = RunLayout("data/runs", "digits")
-    assert pipe.find("train_lsgm", exp="digits", stage="lsgm").outs == (lay.model("lsgm").as_posix(),)
-    assert pipe.find("eval_nll", exp="digits", model="vae").metrics == (lay.nll("vae").as_posix(),)
-    assert pipe.find("sample", exp="digits").plots == (lay.grid.as_posix(),)
+    assert pipe.find("train_lsgm", exp="digits", stage="lsgm").outs == (lay.model("lsgm").as_posix(),
+                                                                     lay.metrics("lsgm").as_posix())
+    assert pipe.find("eval_nll", exp="digits", model="vae").outs == (lay.nll("vae").as_posix(),)
+    assert lay.grid.as_posix() in pipe.find("sample", exp="digits").outs
+    head = HeadlineLayout("metrics", "digits")
+    assert pipe.find("eval_nll", exp="digits", model="vae").headline == (head.nll("vae").as_posix(),)
+    assert pipe.find("train_lsgm", exp="digits", stage="lsgm").headline == (head.train("lsgm").as_posix(),)
 
 
 def test_fid_stats_written_where_eval_fid_reads_them():

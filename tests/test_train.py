@@ -176,6 +176,12 @@ def test_nan_batch_rolls_back_lowers_lr_and_finishes(tmp_path, prepared):
     assert "NaN guard" in res.stderr and "rolled back to step 4" in res.stderr
     metrics = json.loads((runs / "tiny" / "vae" / "metrics.json").read_text())
     assert metrics["nan_failures"] == 1 and metrics["lr_factor"] == 0.5
+    # DVCLive: x = optimiser step (every 5th and the last of 16); the row of step 5 logged before the rollback to step
+    # 4 is dropped, so the replayed step 5 appears once
+    live = runs / "tiny" / "vae" / "dvclive" / "plots" / "metrics"
+    header, *rows = (live / "loss.tsv").read_text().splitlines()
+    assert header.split("\t")[0] == "step" and [int(r.split("\t")[0]) for r in rows] == [5, 10, 15, 16]
+    assert [r.split("\t") for r in (live / "nan_rollback_to_step.tsv").read_text().splitlines()[1:]] == [["4", "4.0"]]
     for _, path in CheckpointManager(runs / "tiny" / "vae" / "checkpoints").paths():
         state = torch.load(path, map_location="cpu", weights_only=True)
         for v in state["modules"]["vae"].values():

@@ -37,6 +37,9 @@ except ConfigError as exc:
     sys.exit(f"lsgm: config error: {exc}")
 for _name, _error in PIPE.broken.items():
     print(f"lsgm: skipping experiment {_name} (not selected): {_error}", file=sys.stderr)
+# the config values each stage reads, one file per stage, rewritten only when they change: Snakemake's mtimes then
+# rerun exactly the stages DVC reruns (lsgm.pipeline.write_stage_params; `lsgm resolve-config` writes them too)
+P.write_stage_params(PIPE)
 
 wildcard_constraints:
     exp="|".join(PIPE.configs),
@@ -52,13 +55,9 @@ def _stage(kind, wc):
 
 
 def stage_inputs(kind):
-    """Input function: the stage's deps (upstream outputs, params files, the lsgm modules it runs)."""
-    return lambda wc: list(_stage(kind, wc).deps)
-
-
-def stage_config(kind):
-    """Params function: the config values the stage reads (JSON), so only a change to them reruns it."""
-    return lambda wc: P.section_values(PIPE.config(_stage(kind, wc)), _stage(kind, wc).params)
+    """Input function: the stage's deps (upstream outputs, params files, the lsgm modules it runs) and the file of
+    the config values it reads (params/resolved/stages/STAGE.json), so only a change to those reruns it."""
+    return lambda wc: list(_stage(kind, wc).snakemake_inputs)
 
 
 def stage_field(kind, name):
@@ -85,16 +84,18 @@ def stage_shell(kind):
 
 def outputs(kind, shown=None):
     """Output patterns of a kind (wildcards left in), in the table's order. A path without a suffix is a
-    directory; `shown` maps a file name to a `snakemake --report` category."""
+    directory; `shown` maps a file or directory name to the keyword arguments of `report()` (caption, category,
+    patterns for a directory) for `snakemake --report`."""
     k = P.KINDS[kind]
     out = []
-    for t in k.outs + k.outs_git + k.metrics + k.plots:
+    for t in k.outs + k.outs_git + k.headline:
         path = t.format(**{n: "{%s}" % n for n in P._template_fields(t)})
         name = path.rsplit("/", 1)[-1]
-        if "." not in name:
+        is_dir = "." not in name
+        if is_dir:
             path = directory(path)
-        elif shown and name in shown:
-            path = report(path, category=shown[name])
+        if shown and name in shown:
+            path = report(path, **shown[name])
         out.append(path)
     return out
 
@@ -106,6 +107,3 @@ def _per_job(base, kind, suffix):
 def log_path(kind):
     return _per_job(P.LOG_DIR, kind, ".log")
 
-
-def benchmark_path(kind):
-    return _per_job(P.BENCHMARK_DIR, kind, ".tsv")

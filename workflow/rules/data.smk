@@ -9,8 +9,6 @@ rule resolve_config:
         outputs("resolve_config"),
     log:
         log_path("resolve_config"),
-    benchmark:
-        benchmark_path("resolve_config")
     threads: stage_threads("resolve_config")
     resources:
         **stage_resources("resolve_config"),
@@ -26,8 +24,6 @@ rule prepare:
         outputs("prepare"),
     log:
         log_path("prepare"),
-    benchmark:
-        benchmark_path("prepare")
     threads: stage_threads("prepare")
     resources:
         **stage_resources("prepare"),
@@ -42,12 +38,9 @@ rule fid_stats:
     output:
         outputs("fid_stats"),
     params:
-        cfg=stage_config("fid_stats"),
         exp=stage_field("fid_stats", "exp"),
     log:
         log_path("fid_stats"),
-    benchmark:
-        benchmark_path("fid_stats")
     threads: stage_threads("fid_stats")
     resources:
         **stage_resources("fid_stats"),

@@ -7,12 +7,8 @@ rule eval_nll:
         stage_inputs("eval_nll"),
     output:
         outputs("eval_nll"),
-    params:
-        cfg=stage_config("eval_nll"),
     log:
         log_path("eval_nll"),
-    benchmark:
-        benchmark_path("eval_nll")
     threads: stage_threads("eval_nll")
     resources:
         **stage_resources("eval_nll"),
@@ -26,12 +22,8 @@ rule eval_fid:
         stage_inputs("eval_fid"),
     output:
         outputs("eval_fid"),
-    params:
-        cfg=stage_config("eval_fid"),
     log:
         log_path("eval_fid"),
-    benchmark:
-        benchmark_path("eval_fid")
     threads: stage_threads("eval_fid")
     resources:
         **stage_resources("eval_fid"),
@@ -46,12 +38,9 @@ rule train_classifier:
     output:
         outputs("train_classifier"),
     params:
-        cfg=stage_config("train_classifier"),
         exp=stage_field("train_classifier", "exp"),
     log:
         log_path("train_classifier"),
-    benchmark:
-        benchmark_path("train_classifier")
     threads: stage_threads("train_classifier")
     resources:
         **stage_resources("train_classifier"),
@@ -65,12 +54,8 @@ rule eval_fd:
         stage_inputs("eval_fd"),
     output:
         outputs("eval_fd"),
-    params:
-        cfg=stage_config("eval_fd"),
     log:
         log_path("eval_fd"),
-    benchmark:
-        benchmark_path("eval_fd")
     threads: stage_threads("eval_fd")
     resources:
         **stage_resources("eval_fd"),

@@ -9,12 +9,9 @@ rule train_lsgm:
     output:
         outputs("train_lsgm"),
     params:
-        cfg=stage_config("train_lsgm"),
         lsgm=stage_field("train_lsgm", "lsgm"),
     log:
         log_path("train_lsgm"),
-    benchmark:
-        benchmark_path("train_lsgm")
     threads: stage_threads("train_lsgm")
     resources:
         **stage_resources("train_lsgm"),
@@ -29,12 +26,9 @@ rule train_data_sgm:
     output:
         outputs("train_data_sgm"),
     params:
-        cfg=stage_config("train_data_sgm"),
         lsgm=stage_field("train_data_sgm", "lsgm"),
     log:
         log_path("train_data_sgm"),
-    benchmark:
-        benchmark_path("train_data_sgm")
     threads: stage_threads("train_data_sgm")
     resources:
         **stage_resources("train_data_sgm"),

@@ -6,13 +6,9 @@ rule sample:
     input:
         stage_inputs("sample"),
     output:
-        outputs("sample", shown={"grid.png": "Samples"}),
-    params:
-        cfg=stage_config("sample"),
+        outputs("sample"),
     log:
         log_path("sample"),
-    benchmark:
-        benchmark_path("sample")
     threads: stage_threads("sample")
     resources:
         **stage_resources("sample"),
@@ -25,13 +21,9 @@ rule sample_run:
     input:
         stage_inputs("sample_run"),
     output:
-        outputs("sample_run", shown={"grid.png": "Samples"}),
-    params:
-        cfg=stage_config("sample_run"),
+        outputs("sample_run"),
     log:
         log_path("sample_run"),
-    benchmark:
-        benchmark_path("sample_run")
     threads: stage_threads("sample_run")
     resources:
         **stage_resources("sample_run"),

@@ -9,12 +9,9 @@ rule train_vae:
     output:
         outputs("train_vae"),
     params:
-        cfg=stage_config("train_vae"),
         lsgm=stage_field("train_vae", "lsgm"),
     log:
         log_path("train_vae"),
-    benchmark:
-        benchmark_path("train_vae")
     threads: stage_threads("train_vae")
     resources:
         **stage_resources("train_vae"),
