@@ -49,7 +49,7 @@ _BOUND_METRICS = ("nll_nats", "nll_bpd", "vae_nll_nats", "vae_nll_bpd")  # NLL v
 
 _FILES: dict[str, Callable[[RunLayout], Path]] = {
     "nll_lsgm": lambda r: r.nll("lsgm"), "nll_vae": lambda r: r.nll("vae"), "fid": lambda r: r.fid,
-    "sample": lambda r: r.sample_stats}
+    "sample": lambda r: r.sample_stats, "fd": lambda r: r.fd("")}
 # metric -> (source file, value key, stderr key); "vae_*" rows are the stage-1 VAE with its Normal prior
 _METRIC_SOURCES = {
     "nll_nats": ("nll_lsgm", "nll_nats", "nll_nats_stderr"),
@@ -125,7 +125,8 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
 
 
 def collect_metrics(run_root: str | os.PathLike, experiment: str) -> dict[str, dict[str, Any]]:
-    """The metric files of one experiment that exist: keys ``nll_lsgm``, ``nll_vae``, ``fid``, ``sample``."""
+    """The metric files of one experiment that exist: keys ``nll_lsgm``, ``nll_vae``, ``fid``, ``sample``, ``fd``
+    (FD / KID of the default samples in classifier features)."""
     layout = RunLayout(run_root, experiment)
     found = {key: _read_json(path_of(layout)) for key, path_of in _FILES.items()}
     return {k: v for k, v in found.items() if v is not None}
@@ -425,6 +426,20 @@ def _check_sampling_nfe(exp: str, sample: Optional[dict[str, Any]]) -> list[str]
             f"{sample.get('seconds_mean', float('nan')):.2f} s per batch.", ""]
 
 
+def _check_sample_quality(exp: str, fd: Optional[dict[str, Any]]) -> list[str]:
+    """FD / KID of the default samples in the dataset classifier's features (not Inception FID)."""
+    if not fd:
+        return [f"Sample quality (FD in classifier features): **not run** (`lsgm eval-fd {exp}`; "
+                "`eval_fd.enabled: true` puts it in the DAG).", ""]
+    acc = fd.get("classifier_accuracy")
+    acc_text = f"{100 * acc:.1f} % {fd.get('classifier_eval_split', 'test')} accuracy" if acc is not None else "accuracy ?"
+    return [f"Sample quality: **{fd['metric']} {fd['fd']:.3g}**, KID {fd['kid']:.3g} ± {fd.get('kid_std', float('nan')):.2g} "
+            f"({fd.get('num_samples', '?')} samples against the {fd.get('reference')}; classifier: {acc_text}, "
+            f"{fd.get('feature_dim')} features). On {fd.get('subset_size')} samples: FD {fd.get('fd_subset', float('nan')):.3g}. "
+            "A reference set against itself has FD 0; FD is biased upward at small sample sizes, so compare "
+            "values at equal N.", ""]
+
+
 def _check_experiment(run_root: Path, exp: str, m: dict[str, dict[str, Any]]) -> list[str]:
     lines = [f"## {exp}", ""]
     vae, lsgm = m.get("nll_vae"), m.get("nll_lsgm")
@@ -437,7 +452,8 @@ def _check_experiment(run_root: Path, exp: str, m: dict[str, dict[str, Any]]) ->
         if not lower:
             lines += _check_terms(vae, lsgm)
         lines += _check_nll_ode(lsgm)
-    return lines + _stage_times_md(run_root, exp) + _check_sampling_nfe(exp, m.get("sample"))
+    return (lines + _stage_times_md(run_root, exp) + _check_sampling_nfe(exp, m.get("sample"))
+            + _check_sample_quality(exp, m.get("fd")))
 
 
 def _checks_md(run_root: Path, experiments: Sequence[str]) -> str:

@@ -85,7 +85,7 @@ def dvc_stages(root: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def dry_run_all() -> dict[str, dict]:
-    proc = _run([SNAKEMAKE, "-n", "-F", "-p", "--config", "exps=all", "--cores", "8"])
+    proc = _run([SNAKEMAKE, "-n", "-F", "-p", "--config", "exps=all", "--cores", "8", "all", "claims"])
     return parse_dry_run(proc.stdout)
 
 
@@ -102,8 +102,8 @@ def test_default_target_through_slurm_profile_dry_run():
     jobs = parse_dry_run(proc.stdout)
     assert "Using profile slurm" in proc.stdout
     rules = sorted(j["rule"] for j in jobs.values())
-    assert rules == sorted(["resolve_config", "prepare", "train_vae", "train_lsgm", "sample", "eval_nll",
-                            "eval_nll", "report"])
+    assert rules == sorted(["resolve_config", "prepare", "train_classifier", "train_vae", "train_lsgm", "sample",
+                            "eval_nll", "eval_nll", "eval_fd", "report"])
     assert jobs["reports/results.md"]["cmd"] == "lsgm report --experiments digits"
     dvc = dvc_stages(ROOT)
     assert jobs["reports/results.md"]["inputs"] == dvc["reports/results.md"]["inputs"]
@@ -215,7 +215,8 @@ def test_lint_is_clean_apart_from_conda_advice():
 
 
 def test_params_per_key_rerun_only_sampling_branch(tmp_path):
-    """Changing sampling.ode_tol changes the params of `sample` only; with the graph that is sample + report."""
+    """Changing sampling.ode_tol changes the params of `sample` only; with the graph that is sample, the FD of its
+    samples and the report."""
     shutil.copytree(ROOT / "params", tmp_path / "params")
     shutil.copytree(ROOT / "lsgm", tmp_path / "lsgm")
     before = P.build_pipeline(["digits"], ["digits"], root=tmp_path)
@@ -236,7 +237,7 @@ def test_params_per_key_rerun_only_sampling_branch(tmp_path):
             if s.dvc_name not in rerun and outs & set(s.deps):
                 rerun.add(s.dvc_name)
                 todo.append(s.dvc_name)
-    assert rerun == {"sample@digits", "report"}
+    assert rerun == {"sample@digits", "eval_fd@digits-default", "report"}
 
 
 def test_launcher_and_slurm_resources():
@@ -293,6 +294,7 @@ TINY = {  # a digits run that takes seconds per stage on a CPU
     "prior": {"lsgm": {"train": {"epochs": 1, "batch_size": 32}}},
     "sampling": {"num_samples": 16, "batch_size": 16, "ode_tol": 1.0e-3},
     "eval_nll": {"batch_size": 32, "ode_tol": 1.0e-3},
+    "eval_fd": {"classifier_epochs": 1, "max_reference_images": 128, "kid_subset_size": 16, "subset_size": 16},
     "engine": {"checkpoint_every_steps": 1},
 }
 
