@@ -163,7 +163,7 @@ def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int
     images, nfes, seconds = [], [], []
     if not data_space:
         m.vae.train(sc.vae_train_mode)  # CelebA FID decodes with batch statistics (docs/algorithm.md §6.1 step 5)
-    with progress(n, f"sample {cfg.name} {tag or run.model}", unit="img") as bar:
+    with progress(n, f"sample {cfg.name}" + (f" ({tag})" if tag else ""), unit="img") as bar:
         while len(images) * sc.batch_size < n:
             b = min(sc.batch_size, n - len(images) * sc.batch_size)
             res = _sample_batch(m, run, (b, *shape), sc, tol, generator, device)
