@@ -81,13 +81,8 @@ def fid_stats_file(dataset: str, fid_reference: str, prepared_root: str | os.Pat
 
 
 @dataclass(frozen=True)
-class RunLayout:
-    """Paths of one experiment's run directory ``<root>/<exp>``.
-
-    Args:
-        root: runs root (``data/runs``).
-        exp: experiment name (or a ``{exp}`` template placeholder).
-    """
+class _ExperimentDir:
+    """``<root>/<exp>``: the shared part of the run and headline layouts."""
 
     root: Path
     exp: str
@@ -99,6 +94,21 @@ class RunLayout:
     def base(self) -> Path:
         """``<root>/<exp>``."""
         return self.root / self.exp
+
+
+def _fd_name(tag: str) -> str:
+    """``fd_<tag>.json``; ``fd_default.json`` for the default sampling run (empty tag)."""
+    return f"fd_{tag or 'default'}.json"
+
+
+@dataclass(frozen=True)
+class RunLayout(_ExperimentDir):
+    """Paths of one experiment's run directory ``<root>/<exp>``.
+
+    Args:
+        root: runs root (``data/runs``).
+        exp: experiment name (or a ``{exp}`` template placeholder).
+    """
 
     # ---- training stages (stage 1 is "vae")
     def stage_dir(self, stage: str) -> Path:
@@ -168,7 +178,7 @@ class RunLayout:
 
     def fd(self, tag: str) -> Path:
         """``eval/fd_<tag>.json``: FD / KID in classifier features of a sampling run (``default`` for ``sample/``)."""
-        return self.eval_dir / f"fd_{tag or 'default'}.json"
+        return self.eval_dir / _fd_name(tag)
 
     def nll(self, model: str) -> Path:
         """``eval/nll_<model>.json`` (model ``lsgm`` or ``vae``)."""
@@ -186,23 +196,13 @@ class RunLayout:
 
 
 @dataclass(frozen=True)
-class HeadlineLayout:
+class HeadlineLayout(_ExperimentDir):
     """Headline metric files of one experiment, ``<root>/<exp>/*.json`` (``metrics/digits/nll_lsgm.json``).
 
     Args:
         root: headline root (``metrics``, the directory ``dvc.yaml`` declares as metrics).
         exp: experiment name (or a ``{exp}`` template placeholder).
     """
-
-    root: Path
-    exp: str
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def base(self) -> Path:
-        return self.root / self.exp
 
     def train(self, stage: str) -> Path:
         """``train_<stage>.json`` of a training stage (``train_vae.json``, ``train_lsgm.json``)."""
@@ -219,7 +219,7 @@ class HeadlineLayout:
     def fd(self, tag: str) -> Path:
         """``fd_<tag>.json`` (``fd_default.json`` for the default sampling run): FD/KID in the dataset classifier's
         features."""
-        return self.base / f"fd_{tag or 'default'}.json"
+        return self.base / _fd_name(tag)
 
     def nll(self, model: str) -> Path:
         return self.base / f"nll_{model}.json"
