@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -58,13 +59,18 @@ def local_slurm(tmp_path_factory):
 
     Yields the environment variables a Slurm client needs. Skips with the reason only where Slurm cannot run.
     """
-    if os.environ.get("SLURM_CONF") and _slurm_up(dict(os.environ)):
-        yield {"SLURM_CONF": os.environ["SLURM_CONF"]}
-        return
+    conf = os.environ.get("SLURM_CONF")
+    if conf:  # the CI's cluster: give a busy machine a minute to answer before restarting it
+        for _ in range(30):
+            if _slurm_up(dict(os.environ)):
+                yield {"SLURM_CONF": conf}
+                return
+            time.sleep(2)
     reason = _slurm_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    base = tmp_path_factory.mktemp("slurm")
+    # restart the CI's own cluster in place (its daemons hold the ports), else start one here
+    base = Path(conf).parent.parent if conf and Path(conf).is_file() else tmp_path_factory.mktemp("slurm")
     env = dict(os.environ, SLURM_BASE=str(base))
     start = subprocess.run(["bash", str(REPO / ".ci/slurm/start_local_slurm.sh")], env=env, capture_output=True,
                            text=True, timeout=300)

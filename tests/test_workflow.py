@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lsgm import pipeline as P
@@ -497,8 +498,10 @@ def test_dvc_repro_experiments_metrics_plots(tmp_path):
     samples = repo / "data/runs/digits/sample/samples.npz"
     samples_before = samples.read_bytes()
     exp = _run([DVC, "exp", "run", "-S", "++digits.sampling.ode_tol=2e-3"], cwd=repo, env=env, timeout=600)
-    # the FD of the samples reruns only if the uint8 samples changed (a small tolerance change can leave them equal)
-    fd_rerun = {"eval_fd@digits-default"} if samples.read_bytes() != samples_before else set()
+    # the FD of the samples reruns only if the uint8 samples changed: the tiny run's prior is so close to N(0, I)
+    # that its ODE barely moves, and even ode_tol 1e-2 leaves the uint8 samples bit-identical (measured)
+    same_samples = samples.read_bytes() == samples_before
+    fd_rerun = set() if same_samples else {"eval_fd@digits-default"}
     assert _ran_stages(exp.stdout) == {"resolve_config@digits", "sample@digits", "report"} | fd_rerun, exp.stdout
     resolved_after = yaml.safe_load((repo / "params/resolved/digits.yaml").read_text())
     assert resolved_after["sampling"]["ode_tol"] == 2e-3
@@ -506,7 +509,14 @@ def test_dvc_repro_experiments_metrics_plots(tmp_path):
     assert resolved_after == resolved_before, "exactly one value changed"
     assert (repo / "params.yaml").read_text() == params_before.replace(
         "digits: {}\n", "digits:\n  sampling:\n    ode_tol: 0.002\n"), "only the changed entry was rewritten"
-    assert "Nothing to be done" in _run([SNAKEMAKE, "-n", "--cores", "2"], cwd=repo, env=env).stdout
+    smk = _run([SNAKEMAKE, "-n", "-p", "--cores", "2"], cwd=repo, env=env).stdout
+    if same_samples:  # where the tools differ: DVC compares content and skipped the FD; Snakemake compares the mtime
+        # (content only for small outputs it produced itself) and plans the FD and the report again: extra work on the
+        # same bytes, never a stale result (README "Running with DVC")
+        assert sorted(j["rule"] for j in parse_dry_run(smk).values()) == ["eval_fd", "report"], smk[-4000:]
+        assert "reason: Updated input files: data/runs/digits/sample/samples.npz" in smk, smk[-4000:]
+    else:
+        assert "Nothing to be done" in smk, smk[-4000:]
 
     show = _run([DVC, *EXP_SHOW], cwd=repo, env={**env, "COLUMNS": "400"}).stdout
     assert _table_width(show) <= 200, show
@@ -550,14 +560,24 @@ def test_dvc_repro_experiments_metrics_plots(tmp_path):
     reading = {name for name, st in dvc_stages(repo).items() if "mnist" in name and "sampling" in st["params"]}
     assert reading == {"data/runs/mnist/sample/samples.npz"}
 
-    # an output corrupted in place (issue 13 item 12): detected, and `dvc repro` restores it from the cache
+    # an output corrupted in place (issue 13 item 12): detected, and `dvc repro` rebuilds it. The stage has persistent
+    # outputs (its checkpoints), so DVC has no run cache for it and reruns it; the engine finds its own final
+    # checkpoint and writes model.pt again without a training step: the same weights and step. (The bytes differ only
+    # in the embedded config, which now carries the experiment's ode_tol=2e-3 above.)
     model = repo / "data/runs/digits/lsgm/model.pt"
-    good = model.read_bytes()
+    good = torch.load(model, map_location="cpu", weights_only=True)
     _corrupt_in_place(model)
     status = _run([DVC, "status", "dvc.yaml"], cwd=repo, env=env).stdout
     assert re.search(r"train_lsgm@digits-lsgm:\s+changed outs:\s+modified:\s+data/runs/digits/lsgm/model.pt", status)
-    _run([DVC, "repro"], cwd=repo, env=env, timeout=600)
-    assert model.read_bytes() == good
+    rebuilt = _run([DVC, "repro"], cwd=repo, env=env, timeout=600)
+    assert "train_lsgm@digits-lsgm" in _ran_stages(rebuilt.stdout)
+    new = torch.load(model, map_location="cpu", weights_only=True)
+    assert new["step"] == good["step"] and new["run_hash"] == good["run_hash"]
+    for part in ("vae", "prior", "prior_ema"):
+        assert new[part].keys() == good[part].keys()
+        assert all(torch.equal(new[part][k], good[part][k]) for k in good[part]), part
+    good["config"]["sampling"]["ode_tol"] = 2e-3
+    assert new["config"] == good["config"]
     assert "Data and pipelines are up to date" in _run([DVC, "status", "dvc.yaml"], cwd=repo, env=env).stdout
 
 

@@ -65,6 +65,18 @@ mkdir -p "$SLURM_BASE"/{etc,state,spool,log,run} "$MUNGE_DIR"
 chmod 755 "$SLURM_BASE" "$SLURM_BASE"/*
 chmod 700 "$MUNGE_DIR"
 
+# Another cluster on this machine (e.g. one started with a different SLURM_BASE) holds the ports: say so, do not
+# start a controller that dies with "Address already in use".
+for port in 6817 6818; do
+  if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
+    log "port $port is already in use (another Slurm started with a different SLURM_BASE?); stop it first with"
+    log "  SLURM_BASE=<its base> $(dirname "$(readlink -f "$0")")/stop_local_slurm.sh"
+    exit 1
+  fi
+done
+# from here on a failed start stops what it started, so no half-started daemon keeps the ports
+trap 'rc=$?; if (( rc != 0 )); then log "start failed (exit $rc): stopping the daemons it started";
+      "$(dirname "$(readlink -f "$0")")/stop_local_slurm.sh" >/dev/null 2>&1 || true; fi' EXIT
 # ---------------------------------------------------------------- 3. munge (own key + socket)
 if [[ ! -s "$MUNGE_DIR/munge.key" ]]; then
   dd if=/dev/urandom of="$MUNGE_DIR/munge.key" bs=1 count=1024 status=none
@@ -196,7 +208,7 @@ fi
 [[ "$SLURM_ACCOUNTING" == slurmdbd ]] && start_slurmdbd
 slurmctld -f "$SLURM_CONF" -i           # -i: ignore (stale) saved state -> clean restarts
 slurmd -f "$SLURM_CONF" -N localhost
-for i in $(seq 60); do
+for i in $(seq 120); do                 # up to 60 s: a loaded 2-core machine registers the node slowly
   alive "$SLURM_BASE/run/slurmctld.pid" || { log "slurmctld died"; tail -n 5 "$SLURM_BASE/log/slurmctld.log"; exit 1; }
   st=$(timeout 5 sinfo -h -n localhost -o %T 2>/dev/null || true)
   [[ "$st" == idle* ]] && break
@@ -207,7 +219,7 @@ sinfo
 [[ "$(sinfo -h -n localhost -o %T)" == idle* ]] || { log "node not idle"; tail -n 20 "$SLURM_BASE"/log/slurm*.log; exit 1; }
 
 # ---------------------------------------------------------------- 7. smoke test
-timeout 60 srun -N1 -n1 -t 1 hostname >/dev/null
+timeout 120 srun -N1 -n1 -t 1 hostname >/dev/null
 echo "$WANT" > "$SLURM_BASE/run/settings"
 log "srun OK; cluster ready ($WANT)"
 echo "export SLURM_CONF=$SLURM_CONF"
