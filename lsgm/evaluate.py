@@ -107,9 +107,10 @@ def _load(cfg: ExperimentConfig, run_root: Path, model: str, device: torch.devic
 
 
 def _sample_batch(m, run: SampleRunConfig, shape: tuple[int, ...], sc, tol: float, generator: torch.Generator,
-                  device: torch.device):
-    """One batch of ``shape`` from a model's prior: the probability-flow ODE or the ancestral sampler of its SGM,
-    or ``temperature · N(0, I)`` for a Normal prior (stage 1, ``prior_kind: normal``)."""
+                  device: torch.device, on_step=None):
+    """One batch of ``shape`` from a model's prior: the probability-flow ODE or the ancestral sampler of its SGM
+    (``on_step(1)`` after each of its steps), or ``temperature · N(0, I)`` for a Normal prior (stage 1,
+    ``prior_kind: normal``)."""
     from lsgm.sampling import SampleResult, sample_ancestral, sample_ode
 
     if m.prior is None:
@@ -117,7 +118,8 @@ def _sample_batch(m, run: SampleRunConfig, shape: tuple[int, ...], sc, tol: floa
         return SampleResult(z, 0, 0.0)
     if run.sampler == "ancestral":
         return sample_ancestral(m.prior, m.sde, shape, steps=run.steps, temperature=sc.temperature,
-                                clamp=None if m.vae is None else 3.0, generator=generator, device=device)
+                                clamp=None if m.vae is None else 3.0, generator=generator, device=device,
+                                callback=on_step)
     return sample_ode(m.prior, m.sde, shape, ode_eps=sc.ode_eps, tol=tol, temperature=sc.temperature,
                       method=solver_method(sc.method), generator=generator, device=device)
 
@@ -163,10 +165,14 @@ def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int
     images, nfes, seconds = [], [], []
     if not data_space:
         m.vae.train(sc.vae_train_mode)  # CelebA FID decodes with batch statistics (docs/algorithm.md §6.1 step 5)
-    with progress(n, f"sample {cfg.name}" + (f" ({tag})" if tag else ""), unit="img") as bar:
+    # the ancestral chain's length is known: its progress counts steps (1,000 per batch), the ODE's counts images
+    by_step = run.sampler == "ancestral" and m.prior is not None
+    total = math.ceil(n / sc.batch_size) * run.steps if by_step else n
+    with progress(total, f"sample {cfg.name}" + (f" ({tag})" if tag else ""), unit="step" if by_step else "img") as bar:
         while len(images) * sc.batch_size < n:
             b = min(sc.batch_size, n - len(images) * sc.batch_size)
-            res = _sample_batch(m, run, (b, *shape), sc, tol, generator, device)
+            res = _sample_batch(m, run, (b, *shape), sc, tol, generator, device,
+                                on_step=bar.update if by_step else None)
             with torch.no_grad():
                 if data_space:
                     images.append(data_to_uint8(res.z).cpu())
@@ -176,7 +182,8 @@ def sample_experiment(cfg: ExperimentConfig, *, run_root: Path, num_samples: int
             nfes.append(int(res.nfe))
             seconds.append(float(res.seconds))
             bar.set_postfix(nfe=res.nfe, refresh=False)
-            bar.update(b)
+            if not by_step:
+                bar.update(b)
     if not data_space:
         m.vae.eval()
     samples = torch.cat(images).numpy()

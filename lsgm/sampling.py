@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -223,6 +223,7 @@ def sample_ancestral(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    callback: Callable[[int], Any] | None = None,
 ) -> SampleResult:
     """Discretised ancestral (DDPM-style) sampler derived from the continuous variance (docs/algorithm.md §6.3).
 
@@ -242,6 +243,7 @@ def sample_ancestral(
         generator: RNG of all noise.
         device: device of the samples (default: the generator's device, else CPU).
         dtype: dtype of the state.
+        callback: called with 1 after every step (progress of a long chain).
 
     Returns:
         :class:`SampleResult` ``(z, nfe = steps, seconds)``.
@@ -265,6 +267,8 @@ def sample_ancestral(
             z = (z - beta * eps_pred / (1.0 - ab) ** 0.5) / (1.0 - beta) ** 0.5 + beta**0.5 * noise
         else:
             z = (z - (1.0 - ab) ** 0.5 * eps_pred) / ab**0.5
+        if callback is not None:
+            callback(1)
     if clamp is not None:
         z = z.clamp(-clamp, clamp)
     _synchronize(device)

@@ -256,3 +256,7 @@ def test_claims_dag_end_to_end_on_a_shrunk_configuration(tmp_path):
     md = (repo / "reports" / "claims.md").read_text()
     assert "| C5 |" in md and "seeds 0, 1" in md
     assert (repo / "data" / "runs" / "fashion_seed1" / "eval" / "fd_data_sgm-ancestral100.json").is_file()
+    # the 100-step ancestral chain reports its progress per step (about every 10 %), not only when the batch ends
+    log = (repo / "logs" / "fashion" / "data_sgm-ancestral100" / "sample_run.log").read_text()
+    lines = [x for x in log.splitlines() if x.startswith("progress: sample fashion (data_sgm-ancestral100):")]
+    assert len(lines) >= 5 and lines[-1].split()[5] == "100/100" and lines[-1].split()[6] == "step", lines

@@ -133,9 +133,14 @@ def test_ancestral_sampler_matches_exact_chain_and_data(name):
 def test_ancestral_clamp_and_bad_arguments():
     sde = SDES["vpsde"]
     eps_fn = gaussian_eps_fn(sde, MU, S * S)
+    done = []
     res = sample_ancestral(eps_fn, sde, (64, 1, 2, 2), steps=20, temperature=50.0,
-                           generator=torch.Generator().manual_seed(0), dtype=F64)
+                           generator=torch.Generator().manual_seed(0), dtype=F64, callback=done.append)
     assert float(res.z.abs().max()) <= 3.0
+    assert done == [1] * 20  # one progress unit per step
+    same = sample_ancestral(eps_fn, sde, (64, 1, 2, 2), steps=20, temperature=50.0,
+                            generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert torch.equal(same.z, res.z)
     with pytest.raises(ValueError, match="steps"):
         sample_ancestral(eps_fn, sde, (2, 1, 2, 2), steps=0)
     with pytest.raises(ValueError, match="method"):
