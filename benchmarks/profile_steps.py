@@ -44,21 +44,16 @@ FAMILIES = (  # first match wins; op names as torch.profiler reports them
 
 
 def family(name: str) -> str:
-    n = name.lower().removeprefix("aten::")
-    for fam, keys in FAMILIES:
-        if any(n == k or n.startswith(k + "_") or n.endswith(k) or k in n for k in keys):
-            return fam
-    return "other"
+    n = name.lower()
+    return next((fam for fam, keys in FAMILIES if any(k in n for k in keys)), "other")
 
 
-def profile_phase(cfg_path: Path, phase: str, work: Path, warmup: int, steps: int, rows: int) -> None:
+def profile_phase(cfg, phase: str, work: Path, warmup: int, steps: int, rows: int) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from lsgm.config import load_config
     from lsgm.train import train_lsgm, train_vae
 
-    cfg = load_config(cfg_path)
     torch.set_num_threads(cfg.engine.num_threads or torch.get_num_threads())
     runs, data = work / "runs", work / "prepared"
     stage = "vae" if phase == "vae" else "lsgm"
@@ -73,7 +68,7 @@ def profile_phase(cfg_path: Path, phase: str, work: Path, warmup: int, steps: in
         run(warmup + steps)
     wall = time.perf_counter() - t0
     avgs = prof.key_averages()
-    print(f"\n=== {cfg_path.stem} {stage} step: {steps} profiled steps, {wall:.2f} s wall with the resume "
+    print(f"\n=== {cfg.name} {stage} step: {steps} profiled steps, {wall:.2f} s wall with the resume "
           f"({torch.get_num_threads()} threads, torch {torch.__version__}, precision {cfg.engine.precision})")
     print(avgs.table(sort_by="self_cpu_time_total", row_limit=rows))
     fams: dict[str, float] = defaultdict(float)
@@ -95,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as bench.py")
     args = ap.parse_args(argv)
+    from lsgm.config import load_config
+
     for key in [c for c in args.configs.split(",") if c]:
         if key not in bench.CONFIGS:
             raise SystemExit(f"--configs: unknown {key!r}; allowed: {', '.join(bench.CONFIGS)}")
@@ -106,12 +103,10 @@ def main(argv: list[str] | None = None) -> None:
                 config = bench.CONFIGS[key]
                 if args.set:
                     config = bench.derived_config(config, args.set, work / "configs", config.stem)
-                from lsgm.config import load_config
-
                 cfg = load_config(config)
                 bench.write_synthetic_dataset(work / "prepared", cfg.data.dataset, tuple(cfg.data.shape),
                                               train=cfg.train_vae.batch_size * 24)
-                profile_phase(config, phase, work, args.warmup, args.steps, args.rows)
+                profile_phase(cfg, phase, work, args.warmup, args.steps, args.rows)
 
 
 if __name__ == "__main__":
